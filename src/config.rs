@@ -1,0 +1,604 @@
+//! Configuration: the typed `Config`, loading it from `config/scriptorium.toml`
+//! (or `--config` / `SCRIPTORIUM_CONFIG`), and `SCRIPTORIUM_<SECTION>__<KEY>`
+//! environment overrides.
+//!
+//! Owns: every tunable and its default, and the startup validation that names
+//! the offending key. Must not: read secrets into the struct (the API key is
+//! read from the environment by `llm/` at the moment a provider is built, so a
+//! `Config` can be logged or serialised without leaking it).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of environment overrides, e.g. `SCRIPTORIUM_LLM__PROVIDER`.
+pub const ENV_PREFIX: &str = "SCRIPTORIUM_";
+/// Where `Config::load` looks when no path is given.
+pub const DEFAULT_CONFIG_PATH: &str = "config/scriptorium.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config: {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub llm: LlmConfig,
+    pub limits: LimitsConfig,
+    pub retry: RetryConfig,
+    pub supervision: SupervisionConfig,
+    pub workflow: WorkflowConfig,
+    pub daemon: DaemonConfig,
+    pub chaos: ChaosConfig,
+    pub prompts: PromptsConfig,
+    /// Workflow kinds by name (`article`, `tutorial`, …).
+    pub kinds: BTreeMap<String, KindConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderChoice {
+    Auto,
+    Openai,
+    Chat,
+    Simulated,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmConfig {
+    pub provider: ProviderChoice,
+    pub model: String,
+    pub base_url: String,
+    pub request_timeout_s: f64,
+    pub connect_timeout_s: f64,
+    pub max_output_tokens: u32,
+    /// Sampling temperature; omitted from requests when unset (reasoning
+    /// models reject it). Local models want 0.
+    pub temperature: Option<f64>,
+    /// Sampling seed, sent to Chat Completions servers when set.
+    pub seed: Option<u64>,
+    pub simulated: SimulatedConfig,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        Self {
+            provider: ProviderChoice::Auto,
+            model: "gpt-5.4-mini".into(),
+            base_url: "https://api.openai.com/v1".into(),
+            request_timeout_s: 120.0,
+            connect_timeout_s: 10.0,
+            max_output_tokens: 2000,
+            temperature: None,
+            seed: None,
+            simulated: SimulatedConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimulatedConfig {
+    pub seed: u64,
+    pub latency_ms: u64,
+    pub jitter_ms: u64,
+    pub error_rate: f64,
+    pub rate_limit_rate: f64,
+    pub malformed_rate: f64,
+    pub hang_rate: f64,
+}
+
+impl Default for SimulatedConfig {
+    fn default() -> Self {
+        Self {
+            seed: 42,
+            latency_ms: 150,
+            jitter_ms: 100,
+            error_rate: 0.0,
+            rate_limit_rate: 0.0,
+            malformed_rate: 0.0,
+            hang_rate: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// 0 disables the request limit.
+    pub requests_per_minute: u32,
+    /// 0 disables the token limit.
+    pub tokens_per_minute: u32,
+    pub max_in_flight_topics: usize,
+    pub max_queued_topics: usize,
+    pub max_topic_chars: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            requests_per_minute: 500,
+            tokens_per_minute: 200_000,
+            max_in_flight_topics: 64,
+            max_queued_topics: 10_000,
+            max_topic_chars: 4000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    pub budget_percent: u32,
+    pub budget_min_per_s: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 6,
+            initial_backoff_ms: 500,
+            max_backoff_ms: 8000,
+            budget_percent: 20,
+            budget_min_per_s: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisionConfig {
+    pub max_restarts: u32,
+    pub window_s: f64,
+    /// Upper bound on one step (all its attempts); a stage call that has not
+    /// answered by then is treated as lost and re-sent.
+    pub step_timeout_s: f64,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        Self {
+            max_restarts: 50,
+            window_s: 10.0,
+            step_timeout_s: 900.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkflowConfig {
+    pub variants: u32,
+    pub max_revisions: u32,
+    pub default_kind: String,
+    /// Route topics with a model call when the submitter names no kind.
+    /// When false, `default_kind` is used without a call.
+    pub route: bool,
+}
+
+impl Default for WorkflowConfig {
+    fn default() -> Self {
+        Self {
+            variants: 3,
+            max_revisions: 1,
+            default_kind: "article".into(),
+            route: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    pub data_dir: PathBuf,
+    /// Unix socket path; empty means `<data_dir>/scriptorium.sock`.
+    pub socket: PathBuf,
+    /// Optional TCP listener (`host:port`); empty disables it.
+    pub tcp: String,
+    /// Prometheus endpoint (`host:port`, path `/metrics`); empty disables it.
+    pub metrics_addr: String,
+    pub shutdown_grace_s: f64,
+    pub max_connections: usize,
+    /// Also write `<data_dir>/topics/<id>.json` after every step.
+    pub topic_files: bool,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data"),
+            socket: PathBuf::new(),
+            tcp: String::new(),
+            metrics_addr: "127.0.0.1:9464".into(),
+            shutdown_grace_s: 10.0,
+            max_connections: 256,
+            topic_files: true,
+        }
+    }
+}
+
+impl DaemonConfig {
+    pub fn socket_path(&self) -> PathBuf {
+        if self.socket.as_os_str().is_empty() {
+            self.data_dir.join("scriptorium.sock")
+        } else {
+            self.socket.clone()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChaosConfig {
+    /// Share of stage-actor messages whose handler panics (0 = off).
+    pub actor_panic_rate: f64,
+    pub seed: u64,
+}
+
+/// Prompt templates. `{placeholders}` are filled by `workflow::prompts`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PromptsConfig {
+    pub router: String,
+    pub planner: String,
+    pub writer: String,
+    pub reviewer: String,
+    pub reviser: String,
+}
+
+impl Default for PromptsConfig {
+    fn default() -> Self {
+        Self {
+            router: "You classify writing requests. Pick the workflow kind that fits the topic best.\nKinds:\n{kinds}".into(),
+            planner: "{persona}\nPlan a piece of writing about the topic. Give a short title and between {min_sections} and {max_sections} section headings (plain text, no numbering, no markdown, each under 80 characters). Do not include a conclusion section; it is added automatically.".into(),
+            writer: "{persona}\nWrite the piece in markdown.".into(),
+            reviewer: "You are a demanding editor. Review the draft against the rubric and the rules. Score it from 0 to 10 and approve it only if it is ready to publish.\nRubric: {rubric}".into(),
+            reviser: "{persona}\nRevise the draft so that it addresses every issue and suggestion from the review while keeping to the rules.".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KindConfig {
+    pub description: String,
+    pub persona: String,
+    pub rubric: String,
+    pub min_words: u32,
+    pub max_words: u32,
+    pub min_sections: u32,
+    pub max_sections: u32,
+    pub require_approval: bool,
+}
+
+impl Default for KindConfig {
+    fn default() -> Self {
+        Self {
+            description: "A general article".into(),
+            persona: "You are a clear, accurate writer.".into(),
+            rubric: "accuracy, structure, clarity".into(),
+            min_words: 250,
+            max_words: 400,
+            min_sections: 3,
+            max_sections: 5,
+            require_approval: false,
+        }
+    }
+}
+
+impl Config {
+    /// Loads the config file (explicit path, else `SCRIPTORIUM_CONFIG`, else
+    /// `config/scriptorium.toml` when it exists, else built-in defaults),
+    /// applies environment overrides and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let explicit = path
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("SCRIPTORIUM_CONFIG").map(PathBuf::from));
+        let (table, source) = match explicit {
+            Some(p) => (read_table(&p)?, p),
+            None => {
+                let p = PathBuf::from(DEFAULT_CONFIG_PATH);
+                if p.exists() {
+                    (read_table(&p)?, p)
+                } else {
+                    (toml::Table::new(), PathBuf::from("<defaults>"))
+                }
+            }
+        };
+        Self::from_table(table, &env, &source)
+    }
+
+    /// Parses TOML text with the given environment overrides (tests use this
+    /// to avoid touching the process environment).
+    pub fn from_toml_str(text: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let source = PathBuf::from("<string>");
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: source.clone(),
+            message: one_line(&e.to_string()),
+        })?;
+        Self::from_table(table, env, &source)
+    }
+
+    fn from_table(
+        mut table: toml::Table,
+        env: &[(String, String)],
+        source: &Path,
+    ) -> Result<Config, ConfigError> {
+        apply_env_overrides(&mut table, env)?;
+        let de = toml::Value::Table(table);
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Invalid {
+                key: if key == "." { source.display().to_string() } else { key },
+                message: one_line(&e.inner().to_string()),
+            }
+        })?;
+        if config.kinds.is_empty() {
+            config.kinds = default_kinds();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the semantic rules serde cannot: ranges, cross-references.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.llm.model.trim().is_empty() {
+            return Err(invalid("llm.model", "must not be empty"));
+        }
+        if !(self.llm.base_url.starts_with("http://") || self.llm.base_url.starts_with("https://")) {
+            return Err(invalid("llm.base_url", "must start with http:// or https://"));
+        }
+        positive("llm.request_timeout_s", self.llm.request_timeout_s)?;
+        positive("llm.connect_timeout_s", self.llm.connect_timeout_s)?;
+        if self.llm.max_output_tokens == 0 {
+            return Err(invalid("llm.max_output_tokens", "must be at least 1"));
+        }
+        let sim = &self.llm.simulated;
+        for (key, rate) in [
+            ("llm.simulated.error_rate", sim.error_rate),
+            ("llm.simulated.rate_limit_rate", sim.rate_limit_rate),
+            ("llm.simulated.malformed_rate", sim.malformed_rate),
+            ("llm.simulated.hang_rate", sim.hang_rate),
+            ("chaos.actor_panic_rate", self.chaos.actor_panic_rate),
+        ] {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(invalid(key, "must be between 0 and 1"));
+            }
+        }
+        if sim.error_rate + sim.rate_limit_rate + sim.malformed_rate + sim.hang_rate > 1.0 {
+            return Err(invalid("llm.simulated", "fault rates must add up to at most 1"));
+        }
+        if self.limits.max_in_flight_topics == 0 {
+            return Err(invalid("limits.max_in_flight_topics", "must be at least 1"));
+        }
+        if self.limits.max_topic_chars == 0 {
+            return Err(invalid("limits.max_topic_chars", "must be at least 1"));
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(invalid("retry.max_attempts", "must be at least 1"));
+        }
+        if self.retry.initial_backoff_ms > self.retry.max_backoff_ms {
+            return Err(invalid("retry.initial_backoff_ms", "must not exceed retry.max_backoff_ms"));
+        }
+        if self.retry.budget_percent > 1000 {
+            return Err(invalid("retry.budget_percent", "must be at most 1000"));
+        }
+        positive("supervision.window_s", self.supervision.window_s)?;
+        positive("supervision.step_timeout_s", self.supervision.step_timeout_s)?;
+        if self.workflow.variants == 0 || self.workflow.variants > 16 {
+            return Err(invalid("workflow.variants", "must be between 1 and 16"));
+        }
+        if !self.kinds.contains_key(&self.workflow.default_kind) {
+            return Err(invalid(
+                "workflow.default_kind",
+                format!(
+                    "`{}` is not a configured kind (have: {})",
+                    self.workflow.default_kind,
+                    self.kind_names().join(", ")
+                ),
+            ));
+        }
+        positive("daemon.shutdown_grace_s", self.daemon.shutdown_grace_s)?;
+        if self.daemon.max_connections == 0 {
+            return Err(invalid("daemon.max_connections", "must be at least 1"));
+        }
+        for (name, kind) in &self.kinds {
+            let key = |field: &str| format!("kinds.{name}.{field}");
+            if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return Err(invalid(format!("kinds.{name}"), "kind names use only letters, digits, `_` and `-`"));
+            }
+            if kind.min_words == 0 || kind.min_words > kind.max_words {
+                return Err(invalid(key("min_words"), "must be at least 1 and not above max_words"));
+            }
+            if kind.min_sections == 0 || kind.min_sections > kind.max_sections || kind.max_sections > 12 {
+                return Err(invalid(
+                    key("min_sections"),
+                    "need 1 <= min_sections <= max_sections <= 12",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn kind_names(&self) -> Vec<String> {
+        self.kinds.keys().cloned().collect()
+    }
+
+    pub fn kind(&self, name: &str) -> Option<&KindConfig> {
+        self.kinds.get(name)
+    }
+}
+
+fn positive(key: &str, value: f64) -> Result<(), ConfigError> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(key, "must be a positive number"))
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: one_line(&e.to_string()),
+    })
+}
+
+/// `SCRIPTORIUM_LLM__SIMULATED__LATENCY_MS=5` sets `llm.simulated.latency_ms`.
+/// Values are read as TOML scalars (`5`, `0.1`, `true`), else as strings, so a
+/// bad value fails deserialisation with the key's name.
+fn apply_env_overrides(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), ConfigError> {
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+        if !rest.contains("__") {
+            continue; // SCRIPTORIUM_CONFIG and friends are not overrides.
+        }
+        let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        if path.iter().any(|p| p.is_empty()) {
+            return Err(invalid(name.clone(), "malformed override name"));
+        }
+        let value = parse_env_value(raw);
+        let mut cursor = &mut *table;
+        for segment in &path[..path.len() - 1] {
+            let entry = cursor
+                .entry(segment.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cursor = match entry {
+                toml::Value::Table(t) => t,
+                _ => return Err(invalid(path.join("."), format!("{name} overrides a value that is not a section"))),
+            };
+        }
+        cursor.insert(path[path.len() - 1].clone(), value);
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+/// Kinds used when the config names none, so a bare `scriptorium run` works.
+pub fn default_kinds() -> BTreeMap<String, KindConfig> {
+    let mut kinds = BTreeMap::new();
+    kinds.insert(
+        "article".to_string(),
+        KindConfig {
+            description: "An explanatory article for a general audience".into(),
+            persona: "You are an experienced science and technology journalist.".into(),
+            rubric: "accuracy, clear structure, concrete examples, no filler".into(),
+            ..KindConfig::default()
+        },
+    );
+    kinds.insert(
+        "tutorial".to_string(),
+        KindConfig {
+            description: "A step-by-step guide that teaches how to do something".into(),
+            persona: "You are a patient technical instructor.".into(),
+            rubric: "correct steps in order, prerequisites stated, each step actionable".into(),
+            min_words: 300,
+            max_words: 500,
+            min_sections: 3,
+            max_sections: 6,
+            ..KindConfig::default()
+        },
+    );
+    kinds.insert(
+        "opinion".to_string(),
+        KindConfig {
+            description: "An argued opinion piece that takes a clear position".into(),
+            persona: "You are a thoughtful columnist who argues fairly.".into(),
+            rubric: "clear thesis, strong arguments, counter-arguments addressed".into(),
+            min_words: 250,
+            max_words: 400,
+            min_sections: 3,
+            max_sections: 4,
+            require_approval: false,
+            ..KindConfig::default()
+        },
+    );
+    kinds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::from_toml_str("", &[]).unwrap();
+        assert_eq!(c.llm.model, "gpt-5.4-mini");
+        assert_eq!(c.kinds.len(), 3);
+    }
+
+    #[test]
+    fn env_overrides_nested_keys() {
+        let c = Config::from_toml_str(
+            "[llm]\nprovider = \"openai\"\n",
+            &env(&[
+                ("SCRIPTORIUM_LLM__PROVIDER", "simulated"),
+                ("SCRIPTORIUM_LIMITS__REQUESTS_PER_MINUTE", "600"),
+                ("SCRIPTORIUM_LLM__SIMULATED__LATENCY_MS", "5"),
+                ("SCRIPTORIUM_CONFIG", "ignored.toml"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.llm.provider, ProviderChoice::Simulated);
+        assert_eq!(c.limits.requests_per_minute, 600);
+        assert_eq!(c.llm.simulated.latency_ms, 5);
+    }
+
+    #[test]
+    fn unknown_and_bad_keys_name_the_key() {
+        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+            ("[llm]\nmodle = \"x\"\n", &[], "llm"),
+            ("", &[("SCRIPTORIUM_LIMITS__REQUESTS_PER_MINUTE", "lots")], "limits.requests_per_minute"),
+            ("", &[("SCRIPTORIUM_LIMITS__NOPE", "1")], "limits"),
+            ("[workflow]\nvariants = 0\n", &[], "workflow.variants"),
+            ("[workflow]\ndefault_kind = \"poem\"\n", &[], "workflow.default_kind"),
+            ("[llm.simulated]\nerror_rate = 2.0\n", &[], "llm.simulated.error_rate"),
+        ];
+        for (text, vars, key) in cases {
+            let err = Config::from_toml_str(text, &env(vars)).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?} {vars:?}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+}

@@ -1,0 +1,1 @@
+pub struct SimulatedProvider; impl SimulatedProvider { pub fn new(_c: crate::config::SimulatedConfig) -> Self { Self } } impl super::LlmProvider for SimulatedProvider { fn name(&self) -> &'static str { "simulated" } fn model(&self) -> &str { "sim" } fn complete<'a>(&'a self, _r: &'a super::LlmRequest) -> super::BoxFuture<'a, Result<super::LlmReply, super::LlmError>> { todo!() } }

@@ -1,0 +1,234 @@
+//! Validation gates: the only way a model's text becomes a typed step output.
+//!
+//! Each gate parses strictly and checks the rules the prompt stated. A gate
+//! failure is a retryable failure of that step; its message is fed back to
+//! the model on the next attempt, so it says exactly what was wrong.
+
+use super::schema::{REVIEW_ITEMS_MAX, SHORT_TEXT_MAX};
+use super::{Draft, Outline, Review, Route};
+use crate::config::KindConfig;
+
+/// Why a model output was rejected. One line, safe to show the model.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct GateError(pub String);
+
+fn fail<T>(msg: impl Into<String>) -> Result<T, GateError> {
+    Err(GateError(msg.into()))
+}
+
+/// Removes one surrounding markdown code fence (```json … ```), which chat
+/// models add even when told not to.
+fn unfence(text: &str) -> &str {
+    let t = text.trim();
+    if let Some(rest) = t.strip_prefix("```") {
+        if let Some(body_start) = rest.find('\n') {
+            let body = &rest[body_start + 1..];
+            if let Some(inner) = body.trim_end().strip_suffix("```") {
+                return inner.trim();
+            }
+        }
+    }
+    t
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T, GateError> {
+    let body = unfence(text);
+    if body.is_empty() {
+        return fail(format!("empty output, expected a JSON {what} object"));
+    }
+    serde_json::from_str(body).map_err(|e| GateError(format!("output is not a valid {what} JSON object: {e}")))
+}
+
+fn one_line_text(value: &str, field: &str, max_chars: u64) -> Result<String, GateError> {
+    let v = value.trim();
+    if v.is_empty() {
+        return fail(format!("`{field}` must not be empty"));
+    }
+    if v.contains(['\n', '\r']) {
+        return fail(format!("`{field}` must be a single line"));
+    }
+    if v.chars().count() as u64 > max_chars {
+        return fail(format!("`{field}` is longer than {max_chars} characters"));
+    }
+    Ok(v.to_string())
+}
+
+pub fn check_route(text: &str, kinds: &[String]) -> Result<Route, GateError> {
+    let route: Route = parse_json(text, "route")?;
+    let kind = route.kind.trim();
+    if !kinds.iter().any(|k| k == kind) {
+        return fail(format!("`kind` must be one of: {} (got `{}`)", kinds.join(", "), route.kind));
+    }
+    Ok(Route { kind: kind.to_string() })
+}
+
+pub fn check_outline(text: &str, kind: &KindConfig) -> Result<Outline, GateError> {
+    let outline: Outline = parse_json(text, "outline")?;
+    let title = one_line_text(&outline.title, "title", SHORT_TEXT_MAX)?;
+    let n = outline.sections.len() as u32;
+    if n < kind.min_sections || n > kind.max_sections {
+        return fail(format!(
+            "`sections` must have between {} and {} entries (got {n})",
+            kind.min_sections, kind.max_sections
+        ));
+    }
+    let mut sections = Vec::with_capacity(outline.sections.len());
+    for (i, s) in outline.sections.iter().enumerate() {
+        let s = one_line_text(s.trim_start_matches('#'), &format!("sections[{i}]"), 80)?;
+        if s.eq_ignore_ascii_case("conclusion") {
+            return fail("`sections` must not include a Conclusion; it is added automatically");
+        }
+        if sections.iter().any(|p: &String| p.eq_ignore_ascii_case(&s)) {
+            return fail(format!("`sections` repeats `{s}`"));
+        }
+        sections.push(s);
+    }
+    Ok(Outline { title, sections })
+}
+
+/// Words as the rule states them: whitespace-separated, heading markers
+/// (`#`, `##`, …) not counted.
+pub fn count_words(markdown: &str) -> u32 {
+    markdown
+        .split_whitespace()
+        .filter(|w| !w.chars().all(|c| c == '#'))
+        .count() as u32
+}
+
+/// The `## ` headings of a markdown text, trimmed, in order.
+pub fn level2_headings(markdown: &str) -> impl Iterator<Item = &str> {
+    markdown
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("## "))
+        .map(str::trim)
+}
+
+pub fn check_draft(text: &str, outline: &Outline, kind: &KindConfig) -> Result<Draft, GateError> {
+    let markdown = unfence(text);
+    if markdown.is_empty() {
+        return fail("empty draft");
+    }
+    let words = count_words(markdown);
+    if words < kind.min_words || words > kind.max_words {
+        return fail(format!(
+            "the draft has {words} words; it must have between {} and {} words",
+            kind.min_words, kind.max_words
+        ));
+    }
+    let headings: Vec<&str> = level2_headings(markdown).collect();
+    let missing: Vec<&str> = outline
+        .sections
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !headings.iter().any(|h| h.eq_ignore_ascii_case(s)))
+        .collect();
+    if !missing.is_empty() {
+        return fail(format!("missing `## ` headings for: {}", missing.join("; ")));
+    }
+    match headings.last() {
+        Some(last) if last.eq_ignore_ascii_case("conclusion") => {}
+        _ => return fail("the last `## ` heading must be `## Conclusion`"),
+    }
+    Ok(Draft { markdown: markdown.to_string(), words })
+}
+
+pub fn check_review(text: &str) -> Result<Review, GateError> {
+    let review: Review = parse_json(text, "review")?;
+    if review.score > 10 {
+        return fail(format!("`score` must be between 0 and 10 (got {})", review.score));
+    }
+    let clean = |items: &[String], field: &str| -> Result<Vec<String>, GateError> {
+        if items.len() as u64 > REVIEW_ITEMS_MAX {
+            return fail(format!("`{field}` has more than {REVIEW_ITEMS_MAX} entries"));
+        }
+        Ok(items.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+    };
+    Ok(Review {
+        approved: review.approved,
+        score: review.score,
+        issues: clean(&review.issues, "issues")?,
+        suggestions: clean(&review.suggestions, "suggestions")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind() -> KindConfig {
+        KindConfig { min_words: 10, max_words: 40, min_sections: 2, max_sections: 3, ..KindConfig::default() }
+    }
+
+    fn outline() -> Outline {
+        Outline { title: "T".into(), sections: vec!["Alpha".into(), "Beta Part".into()] }
+    }
+
+    #[test]
+    fn route_gate() {
+        let kinds = vec!["article".to_string(), "tutorial".to_string()];
+        assert_eq!(check_route(r#"{"kind":"tutorial"}"#, &kinds).unwrap().kind, "tutorial");
+        assert_eq!(check_route("```json\n{\"kind\":\"article\"}\n```", &kinds).unwrap().kind, "article");
+        for bad in ["", "{", r#"{"kind":"poem"}"#, r#"{"kinds":"article"}"#, "[]", r#"{"kind":1}"#] {
+            assert!(check_route(bad, &kinds).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn outline_gate() {
+        let ok = check_outline(r#"{"title":" A title ","sections":["One","Two"]}"#, &kind()).unwrap();
+        assert_eq!(ok.title, "A title");
+        let bad = [
+            r#"{"title":"","sections":["One","Two"]}"#,
+            r#"{"title":"x","sections":["One"]}"#,
+            r#"{"title":"x","sections":["a","b","c","d"]}"#,
+            r#"{"title":"x","sections":["One",""]}"#,
+            r#"{"title":"x","sections":["One","one"]}"#,
+            r#"{"title":"x","sections":["One","Conclusion"]}"#,
+            r#"{"title":"x\ny","sections":["One","Two"]}"#,
+            "{\"title\":\"x\u{1}\",\"sections\":[\"One\",\"Two\"]}",
+            r#"{"title":"x"}"#,
+            "not json",
+        ];
+        for b in bad {
+            assert!(check_outline(b, &kind()).is_err(), "{b:?}");
+        }
+    }
+
+    #[test]
+    fn draft_gate() {
+        let good = "# T\n\n## Alpha\none two three four\n\n## beta part\nfive six seven\n\n## Conclusion\neight nine ten\n";
+        let d = check_draft(good, &outline(), &kind()).unwrap();
+        // "T" counts; "#", "##" do not.
+        assert_eq!(d.words, 1 + 1 + 4 + 2 + 3 + 1 + 3);
+        let cases = [
+            ("too short", "## Alpha\n## Beta Part\n## Conclusion\n"),
+            ("missing section", "## Alpha\none two three four five six seven eight nine ten\n## Conclusion\nx"),
+            ("no conclusion", "## Alpha\none two three four five six\n## Beta Part\nseven eight nine ten"),
+            ("conclusion not last", "## Conclusion\n## Alpha\none two three four five six\n## Beta Part\nseven eight nine ten"),
+            ("level 3 is not level 2", "### Alpha\n## Beta Part\none two three four five six seven eight\n## Conclusion\nx"),
+            ("empty", "   "),
+        ];
+        for (why, text) in cases {
+            assert!(check_draft(text, &outline(), &kind()).is_err(), "{why}");
+        }
+        let long = format!("## Alpha\n## Beta Part\n## Conclusion\n{}", "w ".repeat(50));
+        assert!(check_draft(&long, &outline(), &kind()).unwrap_err().0.contains("between 10 and 40"));
+    }
+
+    #[test]
+    fn review_gate() {
+        let r = check_review(r#"{"approved":false,"score":6,"issues":[" a ",""],"suggestions":["b"]}"#).unwrap();
+        assert_eq!((r.score, r.issues.clone()), (6, vec!["a".to_string()]));
+        for bad in [
+            r#"{"approved":true,"score":11,"issues":[],"suggestions":[]}"#,
+            r#"{"approved":true,"score":-1,"issues":[],"suggestions":[]}"#,
+            r#"{"approved":true,"score":5}"#,
+            r#"{"approved":"yes","score":5,"issues":[],"suggestions":[]}"#,
+            r#"{"approved":true,"score":5.5,"issues":[],"suggestions":[]}"#,
+            "",
+        ] {
+            assert!(check_review(bad).is_err(), "{bad:?}");
+        }
+    }
+}
