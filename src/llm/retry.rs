@@ -1,0 +1,298 @@
+//! Retries: per-step exponential backoff with full jitter, `retry-after`
+//! honoured, a process-wide retry budget, and `StepCaller::call`, the one
+//! place where a step's attempts happen (limiter → provider → gate).
+//!
+//! Must not: retry a fatal error, retry around the limiter, or retry a step
+//! that already succeeded (callers journal success before moving on).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use super::limiter::RateLimit;
+use super::{FailureReason, LlmError, LlmProvider, LlmRequest, Usage};
+use crate::config::RetryConfig;
+use crate::workflow::gates::GateError;
+use crate::workflow::Step;
+
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl RetryPolicy {
+    pub fn from_config(c: &RetryConfig) -> Self {
+        Self {
+            max_attempts: c.max_attempts,
+            initial_backoff: Duration::from_millis(c.initial_backoff_ms),
+            max_backoff: Duration::from_millis(c.max_backoff_ms),
+        }
+    }
+
+    /// Full jitter: uniform in [0, min(max, initial · 2^(failed-1))].
+    pub fn backoff(&self, failed_attempts: u32, rng: &mut impl Rng) -> Duration {
+        let exp = failed_attempts.saturating_sub(1).min(20);
+        let ceiling = self.initial_backoff.saturating_mul(1u32 << exp).min(self.max_backoff);
+        let ms = ceiling.as_millis() as u64;
+        Duration::from_millis(if ms == 0 { 0 } else { rng.random_range(0..=ms) })
+    }
+}
+
+/// Process-wide retry budget (after tower's TPS budget): every first attempt
+/// deposits `percent/100` of a retry, time deposits `min_per_s` retries per
+/// second, and each retry withdraws one. When the budget is spent a retry
+/// waits for it; it never fails the step.
+pub struct RetryBudget {
+    percent: f64,
+    min_per_s: f64,
+    cap: f64,
+    state: std::sync::Mutex<(f64, Instant)>,
+}
+
+impl RetryBudget {
+    pub fn new(c: &RetryConfig) -> Self {
+        let min_per_s = c.budget_min_per_s as f64;
+        Self {
+            percent: c.budget_percent as f64 / 100.0,
+            min_per_s,
+            cap: (min_per_s * 10.0).max(100.0),
+            state: std::sync::Mutex::new((min_per_s, Instant::now())),
+        }
+    }
+
+    fn with_state<R>(&self, f: impl FnOnce(&mut f64) -> R) -> R {
+        let mut guard = match self.state.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let (balance, last) = &mut *guard;
+        let now = Instant::now();
+        *balance = (*balance + now.duration_since(*last).as_secs_f64() * self.min_per_s).min(self.cap);
+        *last = now;
+        f(balance)
+    }
+
+    pub fn record_first_attempt(&self) {
+        self.with_state(|b| *b = (*b + self.percent).min(self.cap));
+    }
+
+    pub fn try_withdraw(&self) -> bool {
+        self.with_state(|b| {
+            if *b >= 1.0 {
+                *b -= 1.0;
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    /// Waits until a retry is affordable, then spends it.
+    pub async fn withdraw(&self) {
+        while !self.try_withdraw() {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// One attempt's report, for events, logs and metrics.
+#[derive(Debug, Clone)]
+pub struct AttemptReport {
+    pub step: Step,
+    pub attempt: u32,
+    pub elapsed: Duration,
+    pub waited: Duration,
+    pub usage: Usage,
+    /// `None` on success.
+    pub failure: Option<(FailureReason, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StepSuccess<T> {
+    pub value: T,
+    pub attempts: u32,
+    pub calls: u32,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone)]
+pub struct StepFailure {
+    pub error: LlmError,
+    pub attempts: u32,
+    pub calls: u32,
+    pub usage: Usage,
+}
+
+/// What `StepCaller::call` hands the request builder for each attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt<'a> {
+    pub number: u32,
+    /// The previous attempt's gate or parse error, told to the model.
+    pub feedback: Option<&'a str>,
+}
+
+/// Everything a step needs to reach the model. Shared by all stage actors.
+pub struct StepCaller {
+    pub provider: Arc<dyn LlmProvider>,
+    pub limiter: Arc<dyn RateLimit>,
+    pub policy: RetryPolicy,
+    pub budget: Arc<RetryBudget>,
+    pub request_timeout: Duration,
+}
+
+impl StepCaller {
+    /// Runs attempts until the gate accepts an output, a fatal error, or the
+    /// attempts run out.
+    pub async fn call<T>(
+        &self,
+        step: Step,
+        build: impl Fn(Attempt<'_>) -> LlmRequest,
+        gate: impl Fn(&str) -> Result<T, GateError>,
+        observe: &(dyn Fn(&AttemptReport) + Send + Sync),
+    ) -> Result<StepSuccess<T>, StepFailure> {
+        let mut usage = Usage::default();
+        let mut feedback: Option<String> = None;
+        let provider = self.provider.name();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            if attempt > 1 {
+                self.budget.withdraw().await;
+                metrics::counter!("scriptorium_retries_total", "step" => step.as_str()).increment(1);
+            } else {
+                self.budget.record_first_attempt();
+            }
+            let request = build(Attempt { number: attempt, feedback: feedback.as_deref() });
+            let waited = self.limiter.acquire(request.estimated_tokens()).await;
+            let started = Instant::now();
+            let result = match tokio::time::timeout(self.request_timeout, self.provider.complete(&request)).await {
+                Ok(r) => r,
+                Err(_) => Err(LlmError::Timeout(self.request_timeout)),
+            };
+            let elapsed = started.elapsed();
+            record_call_metrics(provider, self.provider.model(), &result, elapsed);
+            let outcome = result.and_then(|reply| {
+                usage.input_tokens += reply.usage.input_tokens;
+                usage.output_tokens += reply.usage.output_tokens;
+                gate(&reply.text).map_err(|g| LlmError::InvalidOutput(g.0))
+            });
+            let failure = outcome.as_ref().err().map(|e| (e.reason(), e.to_string()));
+            observe(&AttemptReport { step, attempt, elapsed, waited, usage, failure });
+            let error = match outcome {
+                Ok(value) => return Ok(StepSuccess { value, attempts: attempt, calls: attempt, usage }),
+                Err(e) => e,
+            };
+            metrics::counter!(
+                "scriptorium_step_failures_total",
+                "step" => step.as_str(),
+                "reason" => error.reason().as_str()
+            )
+            .increment(1);
+            if let (LlmError::RateLimited { .. }, Some(pause)) = (&error, error.retry_after()) {
+                self.limiter.pause_for(pause);
+            }
+            if !error.is_retryable() || attempt >= self.policy.max_attempts {
+                return Err(StepFailure { error, attempts: attempt, calls: attempt, usage });
+            }
+            feedback = match &error {
+                LlmError::InvalidOutput(msg) => Some(msg.clone()),
+                _ => None,
+            };
+            let backoff = self.policy.backoff(attempt, &mut rand::rng());
+            let delay = backoff.max(error.retry_after().unwrap_or_default());
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+fn record_call_metrics(
+    provider: &'static str,
+    model: &str,
+    result: &Result<super::LlmReply, LlmError>,
+    elapsed: Duration,
+) {
+    let status: &'static str = match result {
+        Ok(_) => "200",
+        Err(e) => match e.http_status() {
+            Some(s) => status_label(s),
+            None => "error",
+        },
+    };
+    metrics::counter!("scriptorium_llm_requests_total", "provider" => provider, "status" => status).increment(1);
+    metrics::histogram!("scriptorium_llm_request_duration_seconds", "provider" => provider)
+        .record(elapsed.as_secs_f64());
+    metrics::histogram!(
+        "gen_ai_client_operation_duration_seconds",
+        "gen_ai_request_model" => model.to_string(),
+        "gen_ai_operation_name" => "chat"
+    )
+    .record(elapsed.as_secs_f64());
+    if let Ok(reply) = result {
+        metrics::counter!("scriptorium_llm_tokens_total", "direction" => "input").increment(reply.usage.input_tokens);
+        metrics::counter!("scriptorium_llm_tokens_total", "direction" => "output").increment(reply.usage.output_tokens);
+        for (kind, n) in [("input", reply.usage.input_tokens), ("output", reply.usage.output_tokens)] {
+            metrics::histogram!(
+                "gen_ai_client_token_usage",
+                "gen_ai_token_type" => kind,
+                "gen_ai_request_model" => model.to_string()
+            )
+            .record(n as f64);
+        }
+    }
+}
+
+/// Static labels for the statuses we expect; anything else is bucketed by
+/// class so the label set stays bounded.
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        408 => "408",
+        409 => "409",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        s if s >= 500 => "5xx",
+        s if s >= 400 => "4xx",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::SmallRng;
+    use rand::SeedableRng;
+
+    #[test]
+    fn backoff_is_bounded_full_jitter() {
+        let p = RetryPolicy::from_config(&RetryConfig::default());
+        let mut rng = SmallRng::seed_from_u64(1);
+        for failed in 1..12 {
+            let ceiling = Duration::from_millis((500u64 << (failed - 1).min(20)).min(8000));
+            for _ in 0..50 {
+                assert!(p.backoff(failed, &mut rng) <= ceiling);
+            }
+        }
+    }
+
+    #[test]
+    fn budget_limits_retries_to_a_share_of_requests() {
+        let b = RetryBudget::new(&RetryConfig { budget_percent: 20, budget_min_per_s: 0, ..RetryConfig::default() });
+        for _ in 0..100 {
+            b.record_first_attempt();
+        }
+        let granted = (0..100).filter(|_| b.try_withdraw()).count();
+        assert!((19..=20).contains(&granted), "{granted}");
+    }
+}

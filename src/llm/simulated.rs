@@ -1,1 +1,226 @@
-pub struct SimulatedProvider; impl SimulatedProvider { pub fn new(_c: crate::config::SimulatedConfig) -> Self { Self } } impl super::LlmProvider for SimulatedProvider { fn name(&self) -> &'static str { "simulated" } fn model(&self) -> &str { "sim" } fn complete<'a>(&'a self, _r: &'a super::LlmRequest) -> super::BoxFuture<'a, Result<super::LlmReply, super::LlmError>> { todo!() } }
+//! The offline simulated provider: deterministic for a seed, no network.
+//!
+//! Produces outputs that pass the gates (an outline within the schema's
+//! bounds, a markdown draft of the right length with the contract's headings,
+//! reviews with varied scores, some not approved) and injects faults at the
+//! configured rates so users can rehearse failures. Every text it writes says
+//! that it is simulated.
+//!
+//! Must not: sleep on a blocking call, touch the network, or read the topic
+//! id; determinism comes from `LlmRequest::seed_key` and the seed.
+
+use std::time::Duration;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+use super::{BoxFuture, LlmError, LlmProvider, LlmReply, LlmRequest, Usage};
+use crate::config::SimulatedConfig;
+use crate::workflow::prompts::DraftContract;
+
+pub struct SimulatedProvider {
+    config: SimulatedConfig,
+}
+
+enum Fault {
+    None,
+    ServerError,
+    RateLimited,
+    Malformed,
+    Hang,
+}
+
+const FILLER: &[&str] = &[
+    "simulated", "text", "explains", "the", "idea", "with", "a", "clear", "example", "and", "notes", "why",
+    "it", "matters", "for", "readers", "who", "want", "practical", "detail", "about", "this", "part",
+];
+
+impl SimulatedProvider {
+    pub fn new(config: SimulatedConfig) -> Self {
+        Self { config }
+    }
+
+    fn rng(&self, request: &LlmRequest) -> SmallRng {
+        SmallRng::seed_from_u64(self.config.seed ^ request.seed_key.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+
+    fn pick_fault(&self, rng: &mut SmallRng) -> Fault {
+        let c = &self.config;
+        let x: f64 = rng.random();
+        let mut edge = c.error_rate;
+        if x < edge {
+            return Fault::ServerError;
+        }
+        edge += c.rate_limit_rate;
+        if x < edge {
+            return Fault::RateLimited;
+        }
+        edge += c.malformed_rate;
+        if x < edge {
+            return Fault::Malformed;
+        }
+        edge += c.hang_rate;
+        if x < edge {
+            return Fault::Hang;
+        }
+        Fault::None
+    }
+
+    fn latency(&self, rng: &mut SmallRng) -> Duration {
+        let jitter = if self.config.jitter_ms > 0 { rng.random_range(0..=self.config.jitter_ms) } else { 0 };
+        Duration::from_millis(self.config.latency_ms + jitter)
+    }
+}
+
+/// Extracts the JSON string after "Topic (…): " in the input, for plausible text.
+fn topic_of(input: &str) -> String {
+    input
+        .lines()
+        .find_map(|l| l.split_once("): ").filter(|(head, _)| head.starts_with("Topic")).map(|(_, t)| t))
+        .and_then(|t| serde_json::from_str::<String>(t).ok())
+        .unwrap_or_else(|| "the topic".to_string())
+}
+
+fn outline_json(request: &LlmRequest, rng: &mut SmallRng, topic: &str) -> Value {
+    let schema = request.format.as_ref().map(|f| &f.schema);
+    let sections = schema.map(|s| &s["properties"]["sections"]);
+    let min = sections.and_then(|s| s["minItems"].as_u64()).unwrap_or(3);
+    let max = sections.and_then(|s| s["maxItems"].as_u64()).unwrap_or(5).max(min);
+    let n = rng.random_range(min..=max);
+    const NAMES: &[&str] = &[
+        "Background", "How It Works", "Key Trade-offs", "A Worked Example", "Common Pitfalls",
+        "Where It Is Heading", "Getting Started", "Further Details", "Practical Advice", "Open Questions",
+        "Measuring Results", "Alternatives",
+    ];
+    let start = rng.random_range(0..NAMES.len());
+    let sections: Vec<&str> = (0..n as usize).map(|i| NAMES[(start + i) % NAMES.len()]).collect();
+    let title: String = format!("[simulated] {topic}").chars().take(150).collect();
+    json!({ "title": title, "sections": sections })
+}
+
+fn route_json(request: &LlmRequest, rng: &mut SmallRng) -> Value {
+    let kinds: Vec<String> = request
+        .format
+        .as_ref()
+        .and_then(|f| f.schema["properties"]["kind"]["enum"].as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    let kind = if kinds.is_empty() { "article".to_string() } else { kinds[rng.random_range(0..kinds.len())].clone() };
+    json!({ "kind": kind })
+}
+
+fn review_json(rng: &mut SmallRng) -> Value {
+    let score: u8 = rng.random_range(4..=10);
+    let approved = score >= 8;
+    let issues: Vec<&str> = if approved { vec![] } else { vec!["[simulated] the second section needs a concrete example"] };
+    json!({
+        "approved": approved,
+        "score": score,
+        "issues": issues,
+        "suggestions": ["[simulated] tighten the introduction"],
+    })
+}
+
+/// A markdown draft meeting the contract: title, every heading, word count
+/// inside the range.
+pub fn draft_markdown(contract: &DraftContract, rng: &mut impl Rng) -> String {
+    let lo = contract.min_words.max(1);
+    let hi = contract.max_words.max(lo);
+    let target = lo + (hi - lo) / 4 + rng.random_range(0..=((hi - lo) / 2).max(1)).min(hi - lo);
+    let title = if contract.title.is_empty() { "[simulated] draft".to_string() } else { contract.title.clone() };
+    let mut out = String::with_capacity(target as usize * 7);
+    out.push_str("# ");
+    out.push_str(&title);
+    out.push_str("\n\n");
+    let fixed = title.split_whitespace().count() as u32
+        + contract.headings.iter().map(|h| h.split_whitespace().count() as u32).sum::<u32>();
+    let mut body_words = target.saturating_sub(fixed).max(contract.headings.len() as u32);
+    let n = contract.headings.len().max(1) as u32;
+    for (i, h) in contract.headings.iter().enumerate() {
+        out.push_str("## ");
+        out.push_str(h);
+        out.push('\n');
+        let share = if i as u32 == n - 1 { body_words } else { (body_words / (n - i as u32)).max(1) };
+        body_words -= share.min(body_words);
+        for w in 0..share {
+            out.push_str(if w == 0 { "This" } else { FILLER[rng.random_range(0..FILLER.len())] });
+            out.push(if w + 1 == share { '.' } else { ' ' });
+        }
+        out.push_str("\n\n");
+    }
+    out
+}
+
+impl LlmProvider for SimulatedProvider {
+    fn name(&self) -> &'static str {
+        "simulated"
+    }
+
+    fn model(&self) -> &str {
+        "simulated"
+    }
+
+    fn complete<'a>(&'a self, request: &'a LlmRequest) -> BoxFuture<'a, Result<LlmReply, LlmError>> {
+        Box::pin(async move {
+            let mut rng = self.rng(request);
+            let fault = self.pick_fault(&mut rng);
+            let delay = self.latency(&mut rng);
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            match fault {
+                Fault::None | Fault::Malformed => {}
+                Fault::ServerError => {
+                    return Err(LlmError::Server { status: 503, retry_after: None, message: "simulated server error".into() })
+                }
+                Fault::RateLimited => {
+                    return Err(LlmError::RateLimited {
+                        retry_after: Some(Duration::from_millis(200)),
+                        message: "simulated rate limit".into(),
+                    })
+                }
+                Fault::Hang => std::future::pending::<()>().await,
+            }
+            let text = match request.format.as_ref().map(|f| f.name) {
+                Some("route") => route_json(request, &mut rng).to_string(),
+                Some("outline") => outline_json(request, &mut rng, &topic_of(&request.input)).to_string(),
+                Some(_) => review_json(&mut rng).to_string(),
+                None => match DraftContract::parse(&request.instructions) {
+                    Some(contract) => draft_markdown(&contract, &mut rng),
+                    None => "[simulated] no writing rules found in the instructions".to_string(),
+                },
+            };
+            let text = if matches!(fault, Fault::Malformed) { text[..text.len() / 2].to_string() } else { text };
+            let usage = Usage {
+                input_tokens: ((request.instructions.len() + request.input.len()) / 4) as u64,
+                output_tokens: (text.len() / 4) as u64,
+            };
+            Ok(LlmReply { text, usage })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::KindConfig;
+    use crate::workflow::{gates, prompts, Outline};
+
+    #[test]
+    fn drafts_pass_the_gate_for_many_seeds() {
+        let config = crate::config::Config::from_toml_str("", &[]).unwrap();
+        for (min, max, n) in [(250, 400, 3), (300, 500, 6), (40, 60, 2), (60, 80, 5)] {
+            let kind = KindConfig { min_words: min, max_words: max, ..KindConfig::default() };
+            let outline = Outline { title: "A title".into(), sections: (0..n).map(|i| format!("Part {i}")).collect() };
+            let p = prompts::write(&config, &kind, "t", &outline, None);
+            let contract = DraftContract::parse(&p.instructions).unwrap();
+            for seed in 0..200 {
+                let md = draft_markdown(&contract, &mut SmallRng::seed_from_u64(seed));
+                gates::check_draft(&md, &outline, &kind).unwrap_or_else(|e| panic!("{min}-{max} seed {seed}: {e}\n{md}"));
+            }
+        }
+    }
+}
