@@ -7,3 +7,6 @@
 pub mod config;
 pub mod llm;
 pub mod workflow;
+pub mod events;
+pub mod state;
+pub mod store;

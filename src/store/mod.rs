@@ -1,0 +1,61 @@
+//! Durable topic storage behind a small trait (`TopicStore`), and the
+//! per-topic JSON file mirror.
+//!
+//! Owns: the on-disk format of submissions and journals. The SQLite
+//! implementation lives in `sqlite.rs`; a shared store for several daemons
+//! would be another implementation of the same trait.
+//! Invariant: a future returned by `insert` or `append` resolves only after
+//! the data is durable (committed); callers await it before acknowledging a
+//! submit or starting the next step. Must not: call a model or hold topic
+//! logic (replaying a journal is `TopicState::apply`).
+
+pub mod files;
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+
+use crate::llm::BoxFuture;
+use crate::state::{JournalRecord, TopicState, TopicStatus, TopicSummary};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O error: {0}")]
+    Io(String),
+    #[error("store database error: {0}")]
+    Database(String),
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("store is closed")]
+    Closed,
+}
+
+/// Result of `insert`: a new topic, or the existing one with the same
+/// idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inserted {
+    New,
+    Existing(String),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub status: Option<TopicStatus>,
+    /// Return topics with ids greater than this (ids sort by submit time).
+    pub after: Option<String>,
+    pub limit: usize,
+}
+
+pub trait TopicStore: Send + Sync + 'static {
+    /// Durably stores a new topic (its `Submission` fields and status).
+    fn insert(&self, state: &TopicState) -> BoxFuture<'static, Result<Inserted, StoreError>>;
+    /// Durably appends one journal record; `state` is the state after
+    /// applying it (for status columns and summaries).
+    fn append(&self, state: &TopicState, record: &JournalRecord) -> BoxFuture<'static, Result<(), StoreError>>;
+    /// Rebuilds a topic from its submission and journal.
+    fn load(&self, id: &str) -> BoxFuture<'static, Result<Option<TopicState>, StoreError>>;
+    fn list(&self, query: ListQuery) -> BoxFuture<'static, Result<Vec<TopicSummary>, StoreError>>;
+    /// Every topic that is queued, running or awaiting approval, oldest first.
+    fn unfinished(&self) -> BoxFuture<'static, Result<Vec<TopicState>, StoreError>>;
+    /// Topic counts by status name.
+    fn counts(&self) -> BoxFuture<'static, Result<BTreeMap<String, u64>, StoreError>>;
+}
