@@ -20,10 +20,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "config/scriptorium.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config: cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config: {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config: `{key}`: {message}")]
@@ -31,10 +28,7 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        message: message.into(),
-    }
+    ConfigError::Invalid { key: key.into(), message: message.into() }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -136,7 +130,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             requests_per_minute: 500,
-            tokens_per_minute: 200_000,
+            tokens_per_minute: 500_000,
             max_in_flight_topics: 64,
             max_queued_topics: 10_000,
             max_topic_chars: 4000,
@@ -178,11 +172,7 @@ pub struct SupervisionConfig {
 
 impl Default for SupervisionConfig {
     fn default() -> Self {
-        Self {
-            max_restarts: 50,
-            window_s: 10.0,
-            step_timeout_s: 900.0,
-        }
+        Self { max_restarts: 50, window_s: 10.0, step_timeout_s: 900.0 }
     }
 }
 
@@ -199,12 +189,7 @@ pub struct WorkflowConfig {
 
 impl Default for WorkflowConfig {
     fn default() -> Self {
-        Self {
-            variants: 3,
-            max_revisions: 1,
-            default_kind: "article".into(),
-            route: true,
-        }
+        Self { variants: 3, max_revisions: 1, default_kind: "article".into(), route: true }
     }
 }
 
@@ -313,9 +298,8 @@ impl Config {
     /// applies environment overrides and validates.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let env: Vec<(String, String)> = std::env::vars().collect();
-        let explicit = path
-            .map(Path::to_path_buf)
-            .or_else(|| std::env::var_os("SCRIPTORIUM_CONFIG").map(PathBuf::from));
+        let explicit =
+            path.map(Path::to_path_buf).or_else(|| std::env::var_os("SCRIPTORIUM_CONFIG").map(PathBuf::from));
         let (table, source) = match explicit {
             Some(p) => (read_table(&p)?, p),
             None => {
@@ -341,11 +325,7 @@ impl Config {
         Self::from_table(table, env, &source)
     }
 
-    fn from_table(
-        mut table: toml::Table,
-        env: &[(String, String)],
-        source: &Path,
-    ) -> Result<Config, ConfigError> {
+    fn from_table(mut table: toml::Table, env: &[(String, String)], source: &Path) -> Result<Config, ConfigError> {
         apply_env_overrides(&mut table, env)?;
         let de = toml::Value::Table(table);
         let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -433,10 +413,7 @@ impl Config {
                 return Err(invalid(key("min_words"), "must be at least 1 and not above max_words"));
             }
             if kind.min_sections == 0 || kind.min_sections > kind.max_sections || kind.max_sections > 12 {
-                return Err(invalid(
-                    key("min_sections"),
-                    "need 1 <= min_sections <= max_sections <= 12",
-                ));
+                return Err(invalid(key("min_sections"), "need 1 <= min_sections <= max_sections <= 12"));
             }
         }
         Ok(())
@@ -464,10 +441,8 @@ fn one_line(s: &str) -> String {
 }
 
 fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
     text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
         path: path.to_path_buf(),
         message: one_line(&e.to_string()),
@@ -490,9 +465,7 @@ fn apply_env_overrides(table: &mut toml::Table, env: &[(String, String)]) -> Res
         let value = parse_env_value(raw);
         let mut cursor = &mut *table;
         for segment in &path[..path.len() - 1] {
-            let entry = cursor
-                .entry(segment.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let entry = cursor.entry(segment.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
             cursor = match entry {
                 toml::Value::Table(t) => t,
                 _ => return Err(invalid(path.join("."), format!("{name} overrides a value that is not a section"))),
@@ -547,7 +520,6 @@ pub fn default_kinds() -> BTreeMap<String, KindConfig> {
             min_sections: 3,
             max_sections: 4,
             require_approval: false,
-            ..KindConfig::default()
         },
     );
     kinds
@@ -587,7 +559,8 @@ mod tests {
 
     #[test]
     fn unknown_and_bad_keys_name_the_key() {
-        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             ("[llm]\nmodle = \"x\"\n", &[], "llm"),
             ("", &[("SCRIPTORIUM_LIMITS__REQUESTS_PER_MINUTE", "lots")], "limits.requests_per_minute"),
             ("", &[("SCRIPTORIUM_LIMITS__NOPE", "1")], "limits"),

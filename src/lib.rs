@@ -4,9 +4,14 @@
 //! branching, retries and logging; the model only does language work.
 //! See `ARCHITECTURE.md` for the module map and invariants.
 
+pub mod actors;
 pub mod config;
-pub mod llm;
-pub mod workflow;
+pub mod engine;
 pub mod events;
+pub mod llm;
 pub mod state;
 pub mod store;
+pub mod telemetry;
+pub mod workflow;
+
+pub use engine::{EngineError, EngineOptions, Scriptorium, SubmitReceipt, SubmitRequest};

@@ -1,1 +1,68 @@
-fn main() {}
+//! The `scriptorium` command line: `run` (in-process), `daemon`, and the
+//! socket client commands. Parsing and printing only; the work is in the
+//! library.
+
+mod cli;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use scriptorium::telemetry::LogFormat;
+
+#[derive(Parser, Debug)]
+#[command(name = "scriptorium", version, about = "Turns topics into reviewed drafts with LLMs")]
+pub struct Cli {
+    /// Config file (default: config/scriptorium.toml, or SCRIPTORIUM_CONFIG).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Daemon socket (default: SCRIPTORIUM_DAEMON__SOCKET, else the config's).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Process topics in-process (no daemon) and print a summary.
+    Run(cli::run::RunArgs),
+    /// Run the long-lived daemon serving the socket protocol.
+    Daemon(cli::daemon::DaemonArgs),
+    #[command(flatten)]
+    Client(cli::client::ClientCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Run(args) => cli::run::run(cli.config, cli.log_format, args).await,
+            Command::Daemon(args) => cli::daemon::run(cli.config, cli.socket, cli.log_format, args).await,
+            Command::Client(cmd) => cli::client::run(cli.config, cli.socket, cmd).await,
+        }
+    });
+    // Drivers still parked in the runtime must not delay exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&format!("{e:#}")));
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

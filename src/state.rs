@@ -227,10 +227,7 @@ impl JournalRecord {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl TopicState {
@@ -434,9 +431,11 @@ impl From<&TopicState> for TopicSummary {
             step: s.step.clone(),
             submitted_at_ms: s.submitted_at_ms,
             updated_at_ms: s.updated_at_ms,
-            best_score: s.final_draft.as_ref().map(|f| f.review.score).or_else(|| {
-                s.variants.iter().filter_map(|v| v.review.as_ref().map(|r| r.score)).max()
-            }),
+            best_score: s
+                .final_draft
+                .as_ref()
+                .map(|f| f.review.score)
+                .or_else(|| s.variants.iter().filter_map(|v| v.review.as_ref().map(|r| r.score)).max()),
             approved: s.final_draft.as_ref().map(|f| f.review.approved),
             revisions: s.revisions.len() as u32,
             error: s.error.as_ref().map(|e| e.message.clone()),

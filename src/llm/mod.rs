@@ -106,16 +106,9 @@ impl FailureReason {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LlmError {
     #[error("rate limited (HTTP 429): {message}")]
-    RateLimited {
-        retry_after: Option<Duration>,
-        message: String,
-    },
+    RateLimited { retry_after: Option<Duration>, message: String },
     #[error("server error (HTTP {status}): {message}")]
-    Server {
-        status: u16,
-        retry_after: Option<Duration>,
-        message: String,
-    },
+    Server { status: u16, retry_after: Option<Duration>, message: String },
     #[error("request timed out after {0:?}")]
     Timeout(Duration),
     #[error("connection error: {0}")]
@@ -208,10 +201,8 @@ pub fn error_message_from_body(body: &str) -> Option<String> {
 
 /// Parses `retry-after-ms` (preferred) or `retry-after` (seconds).
 pub fn retry_after_from_headers(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    if let Some(ms) = headers
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
+    if let Some(ms) =
+        headers.get("retry-after-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok())
     {
         if ms.is_finite() && ms >= 0.0 {
             return Some(Duration::from_secs_f64(ms / 1000.0));
@@ -252,7 +243,9 @@ pub fn build_provider(config: &Config) -> Result<(Arc<dyn LlmProvider>, Option<S
         seed: config.llm.seed,
     };
     match config.llm.provider {
-        ProviderChoice::Simulated => Ok((Arc::new(simulated::SimulatedProvider::new(config.llm.simulated.clone())), None)),
+        ProviderChoice::Simulated => {
+            Ok((Arc::new(simulated::SimulatedProvider::new(config.llm.simulated.clone())), None))
+        }
         ProviderChoice::Auto if key.is_none() => Ok((
             Arc::new(simulated::SimulatedProvider::new(config.llm.simulated.clone())),
             Some("provider: simulated (offline) — set OPENAI_API_KEY to use OpenAI".to_string()),
@@ -322,6 +315,48 @@ pub fn classify_transport_error(err: &reqwest::Error, timeout: Duration) -> LlmE
     }
 }
 
+impl HttpSettings {
+    /// Replaces every occurrence of the API key in a server-supplied message.
+    /// OpenAI masks keys it rejects, but some compatible servers and proxies
+    /// echo the whole `Authorization` value back in their error body.
+    pub(crate) fn redact(&self, text: &str) -> String {
+        match self.api_key.as_deref() {
+            Some(key) if !key.is_empty() => text.replace(key, "<redacted>"),
+            _ => text.to_string(),
+        }
+    }
+}
+
+/// The HTTP half shared by the two network providers: POSTs `body` as JSON to
+/// `{base_url}{path}` (bearer key only when one is set) and returns the body
+/// text of a 2xx answer. Every failure comes back already classified, with the
+/// key redacted from anything the server said. Parsing the 2xx body is the
+/// caller's job: only it knows the wire format.
+pub(crate) async fn post_json<B: serde::Serialize + ?Sized>(
+    client: &reqwest::Client,
+    settings: &HttpSettings,
+    path: &str,
+    body: &B,
+) -> Result<String, LlmError> {
+    let mut builder = client.post(format!("{}{path}", settings.base_url)).json(body);
+    if let Some(key) = settings.api_key.as_deref() {
+        // `bearer_auth` marks the header sensitive, so reqwest never prints it.
+        builder = builder.bearer_auth(key);
+    }
+    let response = builder.send().await.map_err(|e| classify_transport_error(&e, settings.request_timeout))?;
+    let status = response.status();
+    // Read the headers before `text()` consumes the response.
+    let retry_after = retry_after_from_headers(response.headers());
+    if !status.is_success() {
+        // The body only improves the message; losing it must not hide the
+        // status, so a failed read degrades to an empty body.
+        let text = response.text().await.unwrap_or_default();
+        return Err(LlmError::from_status(status.as_u16(), &settings.redact(&text), retry_after));
+    }
+    // The client timeout covers the body too, so a stalled body is a Timeout.
+    response.text().await.map_err(|e| classify_transport_error(&e, settings.request_timeout))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,8 +364,18 @@ mod tests {
     #[test]
     fn status_classification() {
         let cases: &[(u16, &str, bool, FailureReason)] = &[
-            (429, r#"{"error":{"message":"slow down","code":"rate_limit_exceeded"}}"#, true, FailureReason::RateLimited),
-            (429, r#"{"error":{"message":"quota","type":"insufficient_quota","code":"insufficient_quota"}}"#, false, FailureReason::Fatal),
+            (
+                429,
+                r#"{"error":{"message":"slow down","code":"rate_limit_exceeded"}}"#,
+                true,
+                FailureReason::RateLimited,
+            ),
+            (
+                429,
+                r#"{"error":{"message":"quota","type":"insufficient_quota","code":"insufficient_quota"}}"#,
+                false,
+                FailureReason::Fatal,
+            ),
             (408, "", true, FailureReason::ServerError),
             (409, "", true, FailureReason::ServerError),
             (500, "oops", true, FailureReason::ServerError),

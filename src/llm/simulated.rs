@@ -32,8 +32,29 @@ enum Fault {
 }
 
 const FILLER: &[&str] = &[
-    "simulated", "text", "explains", "the", "idea", "with", "a", "clear", "example", "and", "notes", "why",
-    "it", "matters", "for", "readers", "who", "want", "practical", "detail", "about", "this", "part",
+    "simulated",
+    "text",
+    "explains",
+    "the",
+    "idea",
+    "with",
+    "a",
+    "clear",
+    "example",
+    "and",
+    "notes",
+    "why",
+    "it",
+    "matters",
+    "for",
+    "readers",
+    "who",
+    "want",
+    "practical",
+    "detail",
+    "about",
+    "this",
+    "part",
 ];
 
 impl SimulatedProvider {
@@ -89,9 +110,18 @@ fn outline_json(request: &LlmRequest, rng: &mut SmallRng, topic: &str) -> Value 
     let max = sections.and_then(|s| s["maxItems"].as_u64()).unwrap_or(5).max(min);
     let n = rng.random_range(min..=max);
     const NAMES: &[&str] = &[
-        "Background", "How It Works", "Key Trade-offs", "A Worked Example", "Common Pitfalls",
-        "Where It Is Heading", "Getting Started", "Further Details", "Practical Advice", "Open Questions",
-        "Measuring Results", "Alternatives",
+        "Background",
+        "How It Works",
+        "Key Trade-offs",
+        "A Worked Example",
+        "Common Pitfalls",
+        "Where It Is Heading",
+        "Getting Started",
+        "Further Details",
+        "Practical Advice",
+        "Open Questions",
+        "Measuring Results",
+        "Alternatives",
     ];
     let start = rng.random_range(0..NAMES.len());
     let sections: Vec<&str> = (0..n as usize).map(|i| NAMES[(start + i) % NAMES.len()]).collect();
@@ -115,7 +145,8 @@ fn route_json(request: &LlmRequest, rng: &mut SmallRng) -> Value {
 fn review_json(rng: &mut SmallRng) -> Value {
     let score: u8 = rng.random_range(4..=10);
     let approved = score >= 8;
-    let issues: Vec<&str> = if approved { vec![] } else { vec!["[simulated] the second section needs a concrete example"] };
+    let issues: Vec<&str> =
+        if approved { vec![] } else { vec!["[simulated] the second section needs a concrete example"] };
     json!({
         "approved": approved,
         "score": score,
@@ -174,7 +205,11 @@ impl LlmProvider for SimulatedProvider {
             match fault {
                 Fault::None | Fault::Malformed => {}
                 Fault::ServerError => {
-                    return Err(LlmError::Server { status: 503, retry_after: None, message: "simulated server error".into() })
+                    return Err(LlmError::Server {
+                        status: 503,
+                        retry_after: None,
+                        message: "simulated server error".into(),
+                    })
                 }
                 Fault::RateLimited => {
                     return Err(LlmError::RateLimited {
@@ -219,7 +254,8 @@ mod tests {
             let contract = DraftContract::parse(&p.instructions).unwrap();
             for seed in 0..200 {
                 let md = draft_markdown(&contract, &mut SmallRng::seed_from_u64(seed));
-                gates::check_draft(&md, &outline, &kind).unwrap_or_else(|e| panic!("{min}-{max} seed {seed}: {e}\n{md}"));
+                gates::check_draft(&md, &outline, &kind)
+                    .unwrap_or_else(|e| panic!("{min}-{max} seed {seed}: {e}\n{md}"));
             }
         }
     }

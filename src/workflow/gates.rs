@@ -90,18 +90,12 @@ pub fn check_outline(text: &str, kind: &KindConfig) -> Result<Outline, GateError
 /// Words as the rule states them: whitespace-separated, heading markers
 /// (`#`, `##`, …) not counted.
 pub fn count_words(markdown: &str) -> u32 {
-    markdown
-        .split_whitespace()
-        .filter(|w| !w.chars().all(|c| c == '#'))
-        .count() as u32
+    markdown.split_whitespace().filter(|w| !w.chars().all(|c| c == '#')).count() as u32
 }
 
 /// The `## ` headings of a markdown text, trimmed, in order.
 pub fn level2_headings(markdown: &str) -> impl Iterator<Item = &str> {
-    markdown
-        .lines()
-        .filter_map(|l| l.trim_start().strip_prefix("## "))
-        .map(str::trim)
+    markdown.lines().filter_map(|l| l.trim_start().strip_prefix("## ")).map(str::trim)
 }
 
 pub fn check_draft(text: &str, outline: &Outline, kind: &KindConfig) -> Result<Draft, GateError> {
@@ -197,7 +191,8 @@ mod tests {
 
     #[test]
     fn draft_gate() {
-        let good = "# T\n\n## Alpha\none two three four\n\n## beta part\nfive six seven\n\n## Conclusion\neight nine ten\n";
+        let good =
+            "# T\n\n## Alpha\none two three four\n\n## beta part\nfive six seven\n\n## Conclusion\neight nine ten\n";
         let d = check_draft(good, &outline(), &kind()).unwrap();
         // "T" counts; "#", "##" do not.
         assert_eq!(d.words, 1 + 1 + 4 + 2 + 3 + 1 + 3);
@@ -205,8 +200,14 @@ mod tests {
             ("too short", "## Alpha\n## Beta Part\n## Conclusion\n"),
             ("missing section", "## Alpha\none two three four five six seven eight nine ten\n## Conclusion\nx"),
             ("no conclusion", "## Alpha\none two three four five six\n## Beta Part\nseven eight nine ten"),
-            ("conclusion not last", "## Conclusion\n## Alpha\none two three four five six\n## Beta Part\nseven eight nine ten"),
-            ("level 3 is not level 2", "### Alpha\n## Beta Part\none two three four five six seven eight\n## Conclusion\nx"),
+            (
+                "conclusion not last",
+                "## Conclusion\n## Alpha\none two three four five six\n## Beta Part\nseven eight nine ten",
+            ),
+            (
+                "level 3 is not level 2",
+                "### Alpha\n## Beta Part\none two three four five six seven eight\n## Conclusion\nx",
+            ),
             ("empty", "   "),
         ];
         for (why, text) in cases {

@@ -56,12 +56,8 @@ fn with_feedback(mut input: String, feedback: Option<&str>) -> String {
 }
 
 pub fn route(config: &Config, topic: &str, feedback: Option<&str>) -> Prompt {
-    let kinds = config
-        .kinds
-        .iter()
-        .map(|(name, k)| format!("- {name}: {}", k.description))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let kinds =
+        config.kinds.iter().map(|(name, k)| format!("- {name}: {}", k.description)).collect::<Vec<_>>().join("\n");
     Prompt {
         instructions: fill(&config.prompts.router, &[("kinds", &kinds)])
             + "\nAnswer with a JSON object {\"kind\": <one of the kinds>}.",
@@ -103,7 +99,14 @@ pub fn write(config: &Config, kind: &KindConfig, topic: &str, outline: &Outline,
     }
 }
 
-pub fn review(config: &Config, kind: &KindConfig, topic: &str, outline: &Outline, draft: &Draft, feedback: Option<&str>) -> Prompt {
+pub fn review(
+    config: &Config,
+    kind: &KindConfig,
+    topic: &str,
+    outline: &Outline,
+    draft: &Draft,
+    feedback: Option<&str>,
+) -> Prompt {
     let instructions = fill(&config.prompts.reviewer, &[("rubric", &kind.rubric)])
         + "\nThe draft was written under these rules:\n"
         + &draft_rules(kind, outline).replace("Rules:\n", "")
@@ -146,7 +149,9 @@ pub fn revise(config: &Config, kind: &KindConfig, r: &RevisionInput<'_>, feedbac
     input.push_str(&r.draft.markdown);
     input.push_str("\nDRAFT>>>");
     Prompt {
-        instructions: fill(&config.prompts.reviser, &[("persona", &kind.persona)]) + "\n" + &draft_rules(kind, r.outline),
+        instructions: fill(&config.prompts.reviser, &[("persona", &kind.persona)])
+            + "\n"
+            + &draft_rules(kind, r.outline),
         input: with_feedback(input, feedback),
     }
 }

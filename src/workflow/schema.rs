@@ -9,7 +9,7 @@
 //! models cannot loop until `max_tokens`.
 
 use schemars::JsonSchema;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use super::{Outline, Review, Route};
 use crate::config::KindConfig;
@@ -161,11 +161,8 @@ pub fn check_strict(schema: &Value) -> Result<(), String> {
             if map.get("additionalProperties") != Some(&Value::Bool(false)) {
                 return Err(format!("{path}: object must set additionalProperties: false"));
             }
-            let props: Vec<&String> = map
-                .get("properties")
-                .and_then(Value::as_object)
-                .map(|p| p.keys().collect())
-                .unwrap_or_default();
+            let props: Vec<&String> =
+                map.get("properties").and_then(Value::as_object).map(|p| p.keys().collect()).unwrap_or_default();
             let required: Vec<&str> = map
                 .get("required")
                 .and_then(Value::as_array)
@@ -212,11 +209,6 @@ pub fn all_formats(kinds: &[String], kind_configs: &[&KindConfig]) -> Vec<Struct
     let mut out = vec![route_format(kinds), review_format()];
     out.extend(kind_configs.iter().map(|k| outline_format(k)));
     out
-}
-
-#[doc(hidden)]
-pub fn object_keys(v: &Value) -> Map<String, Value> {
-    v.get("properties").and_then(Value::as_object).cloned().unwrap_or_default()
 }
 
 #[cfg(test)]

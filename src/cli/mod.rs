@@ -1,0 +1,5 @@
+//! Command implementations for the binary.
+
+pub mod client;
+pub mod daemon;
+pub mod run;

@@ -1,0 +1,235 @@
+//! `scriptorium run`: topics from arguments, `--file` or stdin, processed
+//! in-process through the same engine handle the daemon uses; a progress
+//! line on stderr when it is a terminal; a summary table or JSON states on
+//! stdout. Exit 0 when every topic completed (approved or not).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use scriptorium::config::Config;
+use scriptorium::state::{TopicState, TopicStatus};
+use scriptorium::store::files::FileMirror;
+use scriptorium::telemetry::{self, LogFormat};
+use scriptorium::{EngineError, EngineOptions, Scriptorium, SubmitRequest};
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Topics to process (else --file, else stdin).
+    pub topics: Vec<String>,
+    /// A file with one topic per line; `#` starts a comment.
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Draft variants per topic (default: workflow.variants).
+    #[arg(long)]
+    pub variants: Option<u32>,
+    /// Workflow kind for every topic (skips routing).
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Write each topic's full state to DIR/<id>.json after every step.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Print one JSON state per topic on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Serve Prometheus metrics at ADDR while running (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Reads topics: one per line, blank lines and `#` comments skipped.
+pub fn parse_topic_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.split_once('#').map(|(before, _)| before).unwrap_or(l).trim())
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn collect_topics(args: &RunArgs) -> anyhow::Result<Vec<String>> {
+    let mut topics = args.topics.clone();
+    if let Some(path) = &args.file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        topics.extend(parse_topic_lines(&text));
+    }
+    if topics.is_empty() && args.file.is_none() {
+        if std::io::stdin().is_terminal() {
+            bail!("no topics: pass them as arguments, with --file FILE, or on stdin");
+        }
+        let mut text = String::new();
+        for line in std::io::stdin().lock().lines() {
+            text.push_str(&line.context("cannot read stdin")?);
+            text.push('\n');
+        }
+        topics.extend(parse_topic_lines(&text));
+    }
+    if topics.is_empty() {
+        bail!("no topics to process");
+    }
+    Ok(topics)
+}
+
+pub async fn run(config_path: Option<PathBuf>, log_format: LogFormat, args: RunArgs) -> anyhow::Result<ExitCode> {
+    telemetry::init_tracing(log_format, "warn");
+    let config = Config::load(config_path.as_deref())?;
+    let topics = collect_topics(&args)?;
+    if args.metrics_addr.is_some() {
+        telemetry::install_metrics(args.metrics_addr).map_err(anyhow::Error::msg)?;
+        telemetry::describe_metrics();
+    }
+    let files = match &args.out {
+        Some(dir) => Some(FileMirror::new(dir).with_context(|| format!("cannot create {}", dir.display()))?),
+        None => None,
+    };
+    let engine = Scriptorium::start(config, EngineOptions { files, ..EngineOptions::default() }).await?;
+    if let Some(notice) = engine.provider_notice() {
+        eprintln!("{notice}");
+    }
+    let started = Instant::now();
+    let ids = submit_all(&engine, &topics, &args).await?;
+    let states = wait_all(&engine, &ids).await?;
+    if args.json {
+        let mut out = std::io::stdout().lock();
+        for s in &states {
+            writeln!(out, "{}", serde_json::to_string(s)?)?;
+        }
+    } else {
+        print_table(&states, started.elapsed());
+    }
+    engine.shutdown(Duration::from_secs(1)).await;
+    let all_completed = states.iter().all(|s| s.status == TopicStatus::Completed);
+    Ok(if all_completed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Submits every topic, waiting for room when the queue is full: `run`
+/// bounds itself by `limits.max_in_flight_topics` like the daemon.
+async fn submit_all(engine: &Scriptorium, topics: &[String], args: &RunArgs) -> anyhow::Result<Vec<String>> {
+    let mut ids = Vec::with_capacity(topics.len());
+    for topic in topics {
+        let request = SubmitRequest {
+            topic: topic.clone(),
+            kind: args.kind.clone(),
+            variants: args.variants,
+            ..SubmitRequest::default()
+        };
+        loop {
+            match engine.submit(request.clone()).await {
+                Ok(receipt) => {
+                    ids.push(receipt.id);
+                    break;
+                }
+                Err(EngineError::Busy(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => bail!("topic {topic:?}: {e}"),
+            }
+        }
+    }
+    Ok(ids)
+}
+
+async fn wait_all(engine: &Scriptorium, ids: &[String]) -> anyhow::Result<Vec<TopicState>> {
+    let progress = std::io::stderr().is_terminal().then(|| spawn_progress(engine.clone(), ids.len()));
+    let mut escalation = engine.escalation();
+    let mut states = Vec::with_capacity(ids.len());
+    for id in ids {
+        let state = tokio::select! {
+            s = engine.wait(id, None) => s?,
+            _ = escalation.wait_for(|e| e.is_some()) => {
+                let reason = engine.escalation().borrow().clone().unwrap_or_default();
+                bail!("stopped: {reason}");
+            }
+        };
+        states.push(state);
+    }
+    if let Some(p) = progress {
+        p.abort();
+        eprint!("\r\x1b[2K");
+    }
+    Ok(states)
+}
+
+fn spawn_progress(engine: Scriptorium, total: usize) -> tokio::task::JoinHandle<()> {
+    let spinner = Arc::new(["|", "/", "-", "\\"]);
+    tokio::spawn(async move {
+        let mut tick = 0usize;
+        loop {
+            if let Ok(h) = engine.health().await {
+                let done = h.counts.get("completed").copied().unwrap_or(0);
+                let failed = h.counts.get("failed").copied().unwrap_or(0);
+                let width = 30usize;
+                let filled = ((done + failed) as usize * width) / total.max(1);
+                eprint!(
+                    "\r\x1b[2K{} [{}{}] {}/{} done, {} failed, {} running, {} queued",
+                    spinner[tick % 4],
+                    "#".repeat(filled),
+                    "-".repeat(width - filled.min(width)),
+                    done + failed,
+                    total,
+                    failed,
+                    h.in_flight,
+                    h.queued
+                );
+            }
+            tick += 1;
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    })
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n - 1).collect::<String>())
+    }
+}
+
+fn print_table(states: &[TopicState], elapsed: Duration) {
+    println!(
+        "{:<40}  {:<9}  {:>5}  {:<8}  {:>4}  {:>5}  {:>7}  {:>6}",
+        "TOPIC", "ROUTE", "SCORE", "APPROVED", "REVS", "CALLS", "TOKENS", "TIME"
+    );
+    for s in states {
+        let (score, approved) = match &s.final_draft {
+            Some(f) => (f.review.score.to_string(), if f.review.approved { "yes" } else { "no" }.to_string()),
+            None => ("-".into(), s.status.as_str().to_string()),
+        };
+        let secs = s.finished_at_ms.unwrap_or(s.updated_at_ms).saturating_sub(s.submitted_at_ms) as f64 / 1000.0;
+        println!(
+            "{:<40}  {:<9}  {:>5}  {:<8}  {:>4}  {:>5}  {:>7}  {:>5.1}s",
+            truncate(&s.topic, 40),
+            truncate(s.route.as_deref().unwrap_or("-"), 9),
+            score,
+            approved,
+            s.revisions.len(),
+            s.usage.llm_calls,
+            s.usage.input_tokens + s.usage.output_tokens,
+            secs
+        );
+        if let Some(e) = &s.error {
+            println!("    error ({} step, {}): {}", e.step, e.kind.as_str(), truncate(&e.message, 160));
+        }
+    }
+    let completed = states.iter().filter(|s| s.status == TopicStatus::Completed).count();
+    let approved = states.iter().filter(|s| s.final_draft.as_ref().is_some_and(|f| f.review.approved)).count();
+    println!(
+        "\n{} topics: {} completed ({} approved), {} failed, in {:.1}s",
+        states.len(),
+        completed,
+        approved,
+        states.len() - completed,
+        elapsed.as_secs_f64()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn topic_lines_skip_comments_and_blanks() {
+        let t = super::parse_topic_lines("# header\n\nfirst topic\n  second # trailing\n#only\n");
+        assert_eq!(t, vec!["first topic", "second"]);
+    }
+}
