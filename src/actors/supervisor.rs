@@ -9,6 +9,7 @@
 //! stop, so the daemon exits with a clear error instead of looping.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,15 +65,19 @@ pub struct SupervisorState {
 
 pub struct StageSupervisor;
 
+static ACTOR_SERIAL: AtomicU64 = AtomicU64::new(1);
+
 async fn spawn_one<S: Stage>(
     slot: &Slot<S>,
     services: &Arc<Services>,
     generation: u64,
     supervisor: ActorCell,
 ) -> Result<ActorId, ActorProcessingErr> {
-    // Unique names per generation: the dead actor's name may not be
-    // unregistered yet when its replacement starts.
-    let name = format!("{}-{generation}", S::NAME);
+    // Names are process-global in ractor's registry, and a dead actor's
+    // name may not be unregistered yet when its replacement starts: number
+    // them across every engine in the process.
+    let name = format!("{}-{}", S::NAME, ACTOR_SERIAL.fetch_add(1, Ordering::Relaxed));
+    let _ = generation;
     let (actor, _join) =
         Actor::spawn_linked(Some(name), StageActor::<S>::default(), Arc::clone(services), supervisor).await?;
     let id = actor.get_id();

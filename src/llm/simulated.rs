@@ -103,9 +103,8 @@ fn topic_of(input: &str) -> String {
         .unwrap_or_else(|| "the topic".to_string())
 }
 
-fn outline_json(request: &LlmRequest, rng: &mut SmallRng, topic: &str) -> Value {
-    let schema = request.format.as_ref().map(|f| &f.schema);
-    let sections = schema.map(|s| &s["properties"]["sections"]);
+fn outline_json(schema: &Value, rng: &mut SmallRng, topic: &str) -> Value {
+    let sections = Some(&schema["properties"]["sections"]);
     let min = sections.and_then(|s| s["minItems"].as_u64()).unwrap_or(3);
     let max = sections.and_then(|s| s["maxItems"].as_u64()).unwrap_or(5).max(min);
     let n = rng.random_range(min..=max);
@@ -129,11 +128,10 @@ fn outline_json(request: &LlmRequest, rng: &mut SmallRng, topic: &str) -> Value 
     json!({ "title": title, "sections": sections })
 }
 
-fn route_json(request: &LlmRequest, rng: &mut SmallRng) -> Value {
-    let kinds: Vec<String> = request
-        .format
-        .as_ref()
-        .and_then(|f| f.schema["properties"]["kind"]["enum"].as_array().cloned())
+fn route_json(schema: &Value, rng: &mut SmallRng) -> Value {
+    let kinds: Vec<String> = schema["properties"]["kind"]["enum"]
+        .as_array()
+        .cloned()
         .unwrap_or_default()
         .into_iter()
         .filter_map(|v| v.as_str().map(str::to_string))
@@ -185,6 +183,21 @@ pub fn draft_markdown(contract: &DraftContract, rng: &mut impl Rng) -> String {
     out
 }
 
+/// A plausible, gate-passing output for a request, from what a server sees:
+/// the structured format's name and schema (if any), the instructions and
+/// the input. Shared with the fake OpenAI server used by tests and benches.
+pub fn fake_output(format: Option<(&str, &Value)>, instructions: &str, input: &str, rng: &mut SmallRng) -> String {
+    match format {
+        Some(("route", schema)) => route_json(schema, rng).to_string(),
+        Some(("outline", schema)) => outline_json(schema, rng, &topic_of(input)).to_string(),
+        Some(_) => review_json(rng).to_string(),
+        None => match DraftContract::parse(instructions) {
+            Some(contract) => draft_markdown(&contract, rng),
+            None => "[simulated] no writing rules found in the instructions".to_string(),
+        },
+    }
+}
+
 impl LlmProvider for SimulatedProvider {
     fn name(&self) -> &'static str {
         "simulated"
@@ -219,15 +232,8 @@ impl LlmProvider for SimulatedProvider {
                 }
                 Fault::Hang => std::future::pending::<()>().await,
             }
-            let text = match request.format.as_ref().map(|f| f.name) {
-                Some("route") => route_json(request, &mut rng).to_string(),
-                Some("outline") => outline_json(request, &mut rng, &topic_of(&request.input)).to_string(),
-                Some(_) => review_json(&mut rng).to_string(),
-                None => match DraftContract::parse(&request.instructions) {
-                    Some(contract) => draft_markdown(&contract, &mut rng),
-                    None => "[simulated] no writing rules found in the instructions".to_string(),
-                },
-            };
+            let format = request.format.as_ref().map(|f| (f.name, &f.schema));
+            let text = fake_output(format, &request.instructions, &request.input, &mut rng);
             let text = if matches!(fault, Fault::Malformed) { text[..text.len() / 2].to_string() } else { text };
             let usage = Usage {
                 input_tokens: ((request.instructions.len() + request.input.len()) / 4) as u64,
