@@ -534,6 +534,16 @@ mod tests {
     }
 
     #[test]
+    fn shipped_config_file_is_valid_and_matches_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/scriptorium.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let file = Config::from_toml_str(&text, &[]).unwrap();
+        let defaults = Config::from_toml_str("", &[]).unwrap();
+        // The commented file documents the built-in defaults.
+        assert_eq!(toml::to_string(&file).unwrap(), toml::to_string(&defaults).unwrap());
+    }
+
+    #[test]
     fn defaults_are_valid() {
         let c = Config::from_toml_str("", &[]).unwrap();
         assert_eq!(c.llm.model, "gpt-5.4-mini");
