@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
+use tracing::Instrument;
 
 use super::stage::{JobPosition, PlanJob, ReviewJob, ReviseJob, RouteJob, Stage, StageResult, TopicCtx, WriteJob};
 use super::{Services, Slot, StageDirectory};
@@ -262,6 +263,11 @@ impl TopicRunner {
     /// Drives a topic from wherever its journal says it is to completion,
     /// failure, or the approval gate.
     pub async fn drive(self: Arc<Self>, live: Arc<LiveTopic>) {
+        let span = tracing::info_span!("topic", topic_id = %live.ctx.id);
+        self.drive_inner(live).instrument(span).await
+    }
+
+    async fn drive_inner(self: Arc<Self>, live: Arc<LiveTopic>) {
         let resumed = live.lock().status != TopicStatus::Queued;
         if let Err(e) = self.journal(&live, JournalRecord::Started).await {
             tracing::error!(topic_id = %live.ctx.id, error = %e, "cannot journal; topic left for the next start");

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::Rng;
+use tracing::Instrument;
 
 use super::Services;
 use crate::events::TopicEvent;
@@ -321,5 +322,10 @@ pub async fn run_stage<S: Stage>(services: &Services, job: &S::Job) -> StageResu
             at_ms: now_ms(),
         });
     };
-    services.caller.call(S::STEP, |a| S::request(services, job, a), |text| S::gate(services, job, text), &observe).await
+    let span = tracing::info_span!("step", topic_id = %ctx.id, step = S::STEP.as_str(), variant = pos.variant, revision = pos.revision);
+    services
+        .caller
+        .call(S::STEP, |a| S::request(services, job, a), |text| S::gate(services, job, text), &observe)
+        .instrument(span)
+        .await
 }

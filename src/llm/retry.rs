@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+use tracing::Instrument;
 
 use super::limiter::RateLimit;
 use super::{FailureReason, LlmError, LlmProvider, LlmRequest, Usage};
@@ -168,7 +169,9 @@ impl StepCaller {
             let request = build(Attempt { number: attempt, feedback: feedback.as_deref() });
             let waited = self.limiter.acquire(request.estimated_tokens()).await;
             let started = Instant::now();
-            let result = match tokio::time::timeout(self.request_timeout, self.provider.complete(&request)).await {
+            let span = tracing::debug_span!("attempt", attempt, provider);
+            let call = tokio::time::timeout(self.request_timeout, self.provider.complete(&request)).instrument(span);
+            let result = match call.await {
                 Ok(r) => r,
                 Err(_) => Err(LlmError::Timeout(self.request_timeout)),
             };
