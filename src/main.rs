@@ -32,6 +32,8 @@ pub enum Command {
     Run(cli::run::RunArgs),
     /// Run the long-lived daemon serving the socket protocol.
     Daemon(cli::daemon::DaemonArgs),
+    /// Run benchmark scenarios and print their numbers.
+    Bench(cli::bench::BenchArgs),
     #[command(flatten)]
     Client(cli::client::ClientCommand),
 }
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => cli::run::run(cli.config, cli.log_format, args).await,
             Command::Daemon(args) => cli::daemon::run(cli.config, cli.socket, cli.log_format, args).await,
+            Command::Bench(args) => cli::bench::run(args).await,
             Command::Client(cmd) => cli::client::run(cli.config, cli.socket, cmd).await,
         }
     });

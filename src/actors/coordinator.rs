@@ -196,7 +196,10 @@ impl TopicRunner {
             tracing::info!(topic_id = %live.ctx.id, outcome, "topic finished");
         }
         live.status.send_replace(after);
-        self.emit(live, "topic", JobPosition::default(), after.as_str(), None);
+        if after != TopicStatus::Running {
+            // `started`/`resumed` events announce running.
+            self.emit(live, "topic", JobPosition::default(), after.as_str(), None);
+        }
         // With a store, finished topics are served from it; keep memory
         // bounded for a long-running daemon.
         if after.is_terminal() && self.store.is_some() {

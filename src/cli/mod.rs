@@ -1,5 +1,6 @@
 //! Command implementations for the binary.
 
+pub mod bench;
 pub mod client;
 pub mod daemon;
 pub mod run;

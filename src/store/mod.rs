@@ -6,7 +6,9 @@
 //! would be another implementation of the same trait.
 //! Invariant: a future returned by `insert` or `append` resolves only after
 //! the data is durable (committed); callers await it before acknowledging a
-//! submit or starting the next step. Must not: call a model or hold topic
+//! submit or starting the next step. A write is sent when `insert`/`append`
+//! is called, not when its future is first polled, so one caller's writes
+//! land in call order and dropping the future does not cancel the write. Must not: call a model or hold topic
 //! logic (replaying a journal is `TopicState::apply`).
 
 pub mod files;
@@ -40,8 +42,9 @@ pub enum Inserted {
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
     pub status: Option<TopicStatus>,
-    /// Return topics with ids greater than this (ids sort by submit time).
+    /// Return topics stored after this one (insertion order).
     pub after: Option<String>,
+    /// 0 means no limit.
     pub limit: usize,
 }
 

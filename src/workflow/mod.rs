@@ -10,6 +10,8 @@ pub mod gates;
 pub mod prompts;
 pub mod schema;
 
+use std::sync::Arc;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -65,7 +67,9 @@ pub struct Outline {
 /// output, checked by `gates::check_draft`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Draft {
-    pub markdown: String,
+    /// Shared: a draft is handed to reviewers, journals and state without
+    /// copying its text.
+    pub markdown: Arc<str>,
     pub words: u32,
 }
 

@@ -1,0 +1,171 @@
+//! `scriptorium bench`: benchmark scenarios that print one table row each
+//! and append a JSON line to a results file. Targets live here, in printed
+//! numbers, never in tests.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use scriptorium::config::Config;
+use scriptorium::state::TopicStatus;
+use scriptorium::store::sqlite::SqliteStore;
+use scriptorium::store::TopicStore;
+use scriptorium::{EngineOptions, Scriptorium, SubmitRequest};
+use serde_json::json;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Scenario: overhead, scale (more to come: see README "Performance").
+    #[arg(long, default_value = "overhead")]
+    pub scenario: String,
+    /// Topics per run (overhead: default 2000 and 10000).
+    #[arg(long)]
+    pub topics: Vec<usize>,
+    /// JSON lines are appended here.
+    #[arg(long, default_value = "bench-results.jsonl")]
+    pub results: PathBuf,
+}
+
+/// Process CPU time (user + system).
+fn cpu_time() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes into the provided struct; RUSAGE_SELF is valid.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    // SAFETY: rc == 0 means the struct was filled in.
+    let u = unsafe { usage.assume_init() };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// Resident set size in KiB, from /proc/self/status.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn bench_config(latency_ms: u64, in_flight: usize) -> anyhow::Result<Config> {
+    let mut c = Config::from_toml_str("", &[])?;
+    c.llm.provider = scriptorium::config::ProviderChoice::Simulated;
+    c.llm.simulated.latency_ms = latency_ms;
+    c.llm.simulated.jitter_ms = 0;
+    c.limits.requests_per_minute = 0;
+    c.limits.tokens_per_minute = 0;
+    c.limits.max_in_flight_topics = in_flight;
+    c.limits.max_queued_topics = 1_000_000;
+    c.workflow.variants = 3;
+    Ok(c)
+}
+
+struct RunStats {
+    topics: usize,
+    steps: u64,
+    wall: Duration,
+    cpu: Duration,
+    peak_rss_delta_kib: u64,
+}
+
+async fn run_topics(config: Config, store: Option<Arc<dyn TopicStore>>, topics: usize) -> anyhow::Result<RunStats> {
+    let engine = Scriptorium::start(config, EngineOptions { store, ..EngineOptions::default() }).await?;
+    let rss_before = rss_kib();
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(rss_before));
+    let sampler = {
+        let peak = Arc::clone(&peak);
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_kib(), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let cpu0 = cpu_time();
+    let t0 = Instant::now();
+    let mut ids = Vec::with_capacity(topics);
+    for i in 0..topics {
+        let r = engine.submit(SubmitRequest { topic: format!("benchmark topic number {i}"), ..SubmitRequest::default() }).await?;
+        ids.push(r.id);
+    }
+    let mut steps = 0u64;
+    for id in &ids {
+        let s = engine.wait(id, None).await?;
+        anyhow::ensure!(s.status == TopicStatus::Completed, "topic {id} ended {:?}: {:?}", s.status, s.error);
+        steps += s.usage.llm_calls;
+    }
+    let wall = t0.elapsed();
+    let cpu = cpu_time() - cpu0;
+    sampler.abort();
+    engine.shutdown(Duration::from_secs(1)).await;
+    let peak_rss_delta_kib = peak.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(rss_before);
+    Ok(RunStats { topics, steps, wall, cpu, peak_rss_delta_kib })
+}
+
+fn report(results: &PathBuf, scenario: &str, label: &str, s: &RunStats, extra: serde_json::Value) -> anyhow::Result<()> {
+    let steps_per_s = s.steps as f64 / s.wall.as_secs_f64();
+    let cpu_us = s.cpu.as_secs_f64() * 1e6 / s.steps.max(1) as f64;
+    println!(
+        "{scenario:<10} {label:<22} topics={:<6} steps={:<7} wall={:>7.2}s steps/s={:>9.0} cpu/step={:>6.1}µs peak_rss_delta={}KiB",
+        s.topics,
+        s.steps,
+        s.wall.as_secs_f64(),
+        steps_per_s,
+        cpu_us,
+        s.peak_rss_delta_kib
+    );
+    let mut line = json!({
+        "scenario": scenario, "label": label, "topics": s.topics, "steps": s.steps,
+        "wall_s": s.wall.as_secs_f64(), "steps_per_s": steps_per_s, "cpu_us_per_step": cpu_us,
+        "peak_rss_delta_kib": s.peak_rss_delta_kib, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    });
+    if let (Some(obj), Some(more)) = (line.as_object_mut(), extra.as_object()) {
+        obj.extend(more.clone());
+    }
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(results)?;
+    writeln!(f, "{line}")?;
+    Ok(())
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    println!("# scriptorium bench, {cores} cores; results appended to {}", args.results.display());
+    match args.scenario.as_str() {
+        "overhead" => {
+            let sizes = if args.topics.is_empty() { vec![2000, 10_000] } else { args.topics.clone() };
+            for n in sizes {
+                let s = run_topics(bench_config(0, 100_000)?, None, n).await?;
+                report(&args.results, "overhead", "no store", &s, json!({"target_steps_per_s": 100000, "target_cpu_us": 15}))?;
+                let dir = tempfile_dir()?;
+                let store: Arc<dyn TopicStore> = Arc::new(SqliteStore::open(&dir.join("bench.db"))?);
+                let s = run_topics(bench_config(0, 100_000)?, Some(store), n).await?;
+                report(&args.results, "overhead", "sqlite store", &s, json!({"target_steps_per_s": 30000}))?;
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+        "scale" => {
+            let sizes = if args.topics.is_empty() { vec![100, 1000, 10_000] } else { args.topics.clone() };
+            for n in sizes {
+                let s = run_topics(bench_config(2000, n)?, None, n).await?;
+                let per_topic = s.peak_rss_delta_kib as f64 / n as f64;
+                report(&args.results, "scale", &format!("{n} in flight"), &s, json!({"rss_kib_per_topic": per_topic, "target_rss_kib_per_topic": 16}))?;
+                println!("{:<10} {:<22} rss/topic={per_topic:.1}KiB (target <= 16)", "scale", format!("{n} in flight"));
+            }
+        }
+        other => anyhow::bail!("unknown scenario `{other}` (have: overhead, scale)"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("scriptorium-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
