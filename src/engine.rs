@@ -139,6 +139,8 @@ impl Scriptorium {
         };
         let largest = config.llm.max_output_tokens.saturating_add(16_000);
         let limiter: Arc<dyn RateLimit> = Arc::new(GovernorLimiter::new(&config.limits, largest));
+        metrics::gauge!("scriptorium_rate_limit_requests_per_minute").set(f64::from(config.limits.requests_per_minute));
+        metrics::gauge!("scriptorium_rate_limit_tokens_per_minute").set(f64::from(config.limits.tokens_per_minute));
         let caller = StepCaller {
             provider: Arc::clone(&provider),
             limiter: Arc::clone(&limiter),
@@ -272,15 +274,15 @@ impl Scriptorium {
 
     fn validate(&self, req: &SubmitRequest) -> Result<Submission, EngineError> {
         let config = &self.inner.config;
+        let topic = normalize_topic(&req.topic);
+        if topic.is_empty() {
+            return Err(EngineError::BadRequest("topic must not be empty".into()));
+        }
         if req.topic.chars().count() > config.limits.max_topic_chars {
             return Err(EngineError::TooLarge(format!(
                 "topic is longer than limits.max_topic_chars ({} characters)",
                 config.limits.max_topic_chars
             )));
-        }
-        let topic = normalize_topic(&req.topic);
-        if topic.is_empty() {
-            return Err(EngineError::BadRequest("topic must not be empty".into()));
         }
         if let Some(kind) = &req.kind {
             if !config.kinds.contains_key(kind) {
@@ -389,10 +391,20 @@ impl Scriptorium {
 
     pub async fn approve(&self, id: &str, note: Option<String>) -> Result<(), EngineError> {
         let live = self.awaiting(id).await?;
-        let at_ms = now_ms();
-        self.inner.runner.journal(&live, JournalRecord::Approved { note, at_ms }).await.map_err(internal)?;
-        self.inner.runner.journal(&live, JournalRecord::Completed).await.map_err(internal)?;
-        Ok(())
+        self.decide(id, &live, JournalRecord::Approved { note, at_ms: now_ms() }).await
+    }
+
+    /// Journals a human decision if the topic is still awaiting approval,
+    /// atomically with that check.
+    async fn decide(&self, id: &str, live: &LiveTopic, record: JournalRecord) -> Result<(), EngineError> {
+        let awaiting = |st: &TopicState| st.status == TopicStatus::AwaitingApproval;
+        match self.inner.runner.journal_if(live, record, awaiting).await.map_err(internal)? {
+            Some(_) => Ok(()),
+            None => Err(EngineError::InvalidState(format!(
+                "topic `{id}` is {}, not awaiting_approval",
+                live.lock().status.as_str()
+            ))),
+        }
     }
 
     /// Sends the chosen draft back to the reviser with the note as the top
@@ -402,8 +414,7 @@ impl Scriptorium {
             return Err(EngineError::BadRequest("reject needs a non-empty note".into()));
         }
         let live = self.awaiting(id).await?;
-        let at_ms = now_ms();
-        self.inner.runner.journal(&live, JournalRecord::Rejected { note, at_ms }).await.map_err(internal)?;
+        self.decide(id, &live, JournalRecord::Rejected { note, at_ms: now_ms() }).await?;
         self.coordinator_cast(CoordinatorMsg::Enqueue { live, reserved: false })
     }
 
@@ -455,7 +466,8 @@ impl Scriptorium {
             .filter(|s| query.status.is_none_or(|st| s.status == st))
             .collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(all.into_iter().filter(|s| query.after.as_ref().is_none_or(|a| s.id > *a)).take(query.limit).collect())
+        let limit = if query.limit == 0 { usize::MAX } else { query.limit };
+        Ok(all.into_iter().filter(|s| query.after.as_ref().is_none_or(|a| s.id > *a)).take(limit).collect())
     }
 
     pub async fn health(&self) -> Result<Health, EngineError> {

@@ -9,6 +9,7 @@ pub mod config;
 pub mod engine;
 pub mod events;
 pub mod llm;
+pub mod server;
 pub mod state;
 pub mod store;
 pub mod telemetry;

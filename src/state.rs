@@ -368,7 +368,10 @@ impl TopicState {
                 self.step = Some("approval".into());
             }
             J::Approved { note, at_ms } => {
+                // Approval completes the topic in the same record, so a
+                // check-then-approve cannot interleave with another decision.
                 self.approvals.push(ApprovalRecord { decision: Decision::Approved, note: note.clone(), at_ms: *at_ms });
+                self.complete(at_ms);
             }
             J::Rejected { note, at_ms } => {
                 self.approvals.push(ApprovalRecord {
@@ -379,13 +382,7 @@ impl TopicState {
                 self.pending_human_note = Some(note.clone());
                 self.status = TopicStatus::Running;
             }
-            J::Completed => {
-                if let Some((draft, Some(review), source)) = self.current() {
-                    self.final_draft = Some(FinalDraft { draft: draft.clone(), review: review.clone(), source });
-                }
-                self.status = TopicStatus::Completed;
-                self.finished_at_ms = Some(at_ms);
-            }
+            J::Completed => self.complete(&at_ms),
             J::Failed { error, cost } => {
                 self.error = Some(error.clone());
                 self.charge(cost);
@@ -397,6 +394,14 @@ impl TopicState {
                 self.finished_at_ms = Some(at_ms);
             }
         }
+    }
+
+    fn complete(&mut self, at_ms: &u64) {
+        if let Some((draft, Some(review), source)) = self.current() {
+            self.final_draft = Some(FinalDraft { draft: draft.clone(), review: review.clone(), source });
+        }
+        self.status = TopicStatus::Completed;
+        self.finished_at_ms = Some(*at_ms);
     }
 
     /// Whether the human approved the current draft (the last decision).

@@ -37,7 +37,8 @@ fn timing(step: Step, variant: Option<u32>, started_ms: u64) -> StepTiming {
 
 fn draft(n: u32) -> Draft {
     Draft {
-        markdown: format!("# Title {n}\n\n## Background\n\nSome text with ünïcödé, \"quotes\" and a\nnewline.\n"),
+        markdown: format!("# Title {n}\n\n## Background\n\nSome text with ünïcödé, \"quotes\" and a\nnewline.\n")
+            .into(),
         words: 120 + n,
     }
 }

@@ -143,13 +143,26 @@ impl TopicRunner {
     /// Applies a record, makes it durable, mirrors it, tells listeners.
     /// Returns the status after the record.
     pub async fn journal(&self, live: &LiveTopic, record: JournalRecord) -> Result<TopicStatus, StoreError> {
+        // A cancelled topic takes no further records (a step that was
+        // mid-flight when cancel arrived finishes into the void).
+        let accepted = self.journal_if(live, record, |st| st.status != TopicStatus::Cancelled).await?;
+        Ok(accepted.unwrap_or(TopicStatus::Cancelled))
+    }
+
+    /// Journals `record` only if `precondition` holds, checked under the
+    /// same lock that applies the record (so decisions cannot interleave).
+    /// `Ok(None)` when the precondition failed.
+    pub async fn journal_if(
+        &self,
+        live: &LiveTopic,
+        record: JournalRecord,
+        precondition: impl FnOnce(&TopicState) -> bool,
+    ) -> Result<Option<TopicStatus>, StoreError> {
         let at = now_ms();
         let (durable, mirror, before, after, submitted) = {
             let mut st = live.lock();
-            // A cancelled topic takes no further records (a step that was
-            // mid-flight when cancel arrived finishes into the void).
-            if st.status == TopicStatus::Cancelled {
-                return Ok(TopicStatus::Cancelled);
+            if !precondition(&st) {
+                return Ok(None);
             }
             let before = st.status;
             st.apply(&record, at);
@@ -168,7 +181,7 @@ impl TopicRunner {
         if before != after {
             self.on_status_change(live, before, after, submitted, at);
         }
-        Ok(after)
+        Ok(Some(after))
     }
 
     fn on_status_change(&self, live: &LiveTopic, before: TopicStatus, after: TopicStatus, submitted: u64, at: u64) {
@@ -505,8 +518,12 @@ impl TopicRunner {
                 self.review_revision(live, kind, outline, draft, next_number - 1).await?;
                 continue;
             };
+            let answered_human = live.lock().revisions.last().is_some_and(|r| r.human_note.is_some());
             let human_note = match pending_note {
                 Some(note) => Some(note),
+                // A human's rejection was answered and re-reviewed: back to
+                // the human, not into the automatic loop.
+                None if answered_human => return Ok(()),
                 None if !review.approved && automatic < max_revisions => None,
                 None => return Ok(()),
             };

@@ -146,12 +146,20 @@ impl StageDirectory {
             match outcome {
                 Some(Ok(CallResult::Success(result))) => return result,
                 Some(Ok(CallResult::Timeout)) => {
+                    // The attempts inside were counted by `StepCaller`; the
+                    // step-level timeout that ends them is a failure too.
+                    metrics::counter!(
+                        "scriptorium_step_failures_total",
+                        "step" => S::STEP.as_str(),
+                        "reason" => "timeout"
+                    )
+                    .increment(1);
                     return Err(StepFailure {
                         error: LlmError::Timeout(step_timeout),
                         attempts: 0,
                         calls: 0,
                         usage: Usage::default(),
-                    })
+                    });
                 }
                 // The actor died holding our request (or before taking it).
                 Some(Ok(CallResult::SenderError)) | Some(Err(_)) => {

@@ -92,7 +92,9 @@ async fn run_topics(config: Config, store: Option<Arc<dyn TopicStore>>, topics: 
     let t0 = Instant::now();
     let mut ids = Vec::with_capacity(topics);
     for i in 0..topics {
-        let r = engine.submit(SubmitRequest { topic: format!("benchmark topic number {i}"), ..SubmitRequest::default() }).await?;
+        let r = engine
+            .submit(SubmitRequest { topic: format!("benchmark topic number {i}"), ..SubmitRequest::default() })
+            .await?;
         ids.push(r.id);
     }
     let mut steps = 0u64;
@@ -109,7 +111,13 @@ async fn run_topics(config: Config, store: Option<Arc<dyn TopicStore>>, topics: 
     Ok(RunStats { topics, steps, wall, cpu, peak_rss_delta_kib })
 }
 
-fn report(results: &PathBuf, scenario: &str, label: &str, s: &RunStats, extra: serde_json::Value) -> anyhow::Result<()> {
+fn report(
+    results: &PathBuf,
+    scenario: &str,
+    label: &str,
+    s: &RunStats,
+    extra: serde_json::Value,
+) -> anyhow::Result<()> {
     let steps_per_s = s.steps as f64 / s.wall.as_secs_f64();
     let cpu_us = s.cpu.as_secs_f64() * 1e6 / s.steps.max(1) as f64;
     println!(
@@ -142,7 +150,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             let sizes = if args.topics.is_empty() { vec![2000, 10_000] } else { args.topics.clone() };
             for n in sizes {
                 let s = run_topics(bench_config(0, 100_000)?, None, n).await?;
-                report(&args.results, "overhead", "no store", &s, json!({"target_steps_per_s": 100000, "target_cpu_us": 15}))?;
+                report(
+                    &args.results,
+                    "overhead",
+                    "no store",
+                    &s,
+                    json!({"target_steps_per_s": 100000, "target_cpu_us": 15}),
+                )?;
                 let dir = tempfile_dir()?;
                 let store: Arc<dyn TopicStore> = Arc::new(SqliteStore::open(&dir.join("bench.db"))?);
                 let s = run_topics(bench_config(0, 100_000)?, Some(store), n).await?;
@@ -155,7 +169,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             for n in sizes {
                 let s = run_topics(bench_config(2000, n)?, None, n).await?;
                 let per_topic = s.peak_rss_delta_kib as f64 / n as f64;
-                report(&args.results, "scale", &format!("{n} in flight"), &s, json!({"rss_kib_per_topic": per_topic, "target_rss_kib_per_topic": 16}))?;
+                report(
+                    &args.results,
+                    "scale",
+                    &format!("{n} in flight"),
+                    &s,
+                    json!({"rss_kib_per_topic": per_topic, "target_rss_kib_per_topic": 16}),
+                )?;
                 println!("{:<10} {:<22} rss/topic={per_topic:.1}KiB (target <= 16)", "scale", format!("{n} in flight"));
             }
         }

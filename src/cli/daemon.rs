@@ -48,7 +48,8 @@ pub async fn run(
     std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
     let socket_path = socket.unwrap_or_else(|| config.daemon.socket_path());
 
-    let metrics_addr = parse_addr("daemon.metrics_addr", args.metrics_addr.as_deref().unwrap_or(&config.daemon.metrics_addr))?;
+    let metrics_addr =
+        parse_addr("daemon.metrics_addr", args.metrics_addr.as_deref().unwrap_or(&config.daemon.metrics_addr))?;
     if let Some(addr) = metrics_addr {
         telemetry::install_metrics(Some(addr)).map_err(anyhow::Error::msg)?;
         telemetry::describe_metrics();
@@ -74,7 +75,8 @@ pub async fn run(
         None => None,
     };
 
-    let engine = Scriptorium::start(config, EngineOptions { store: Some(store), files, ..EngineOptions::default() }).await?;
+    let engine =
+        Scriptorium::start(config, EngineOptions { store: Some(store), files, ..EngineOptions::default() }).await?;
     if let Some(notice) = engine.provider_notice() {
         eprintln!("{notice}");
     }

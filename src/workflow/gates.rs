@@ -183,7 +183,8 @@ mod tests {
 
     #[test]
     fn word_count_fast_path_matches_the_rule() {
-        for text in ["", "# T\n\n## A\none two", "a\tb\x0bc\u{0c}d", "### ## x #y# ##", "  lead  trail  ", "é ## mot"] {
+        for text in ["", "# T\n\n## A\none two", "a\tb\x0bc\u{0c}d", "### ## x #y# ##", "  lead  trail  ", "é ## mot"]
+        {
             let slow = text.split_whitespace().filter(|w| !w.chars().all(|c| c == '#')).count() as u32;
             assert_eq!(count_words(text), slow, "{text:?}");
         }

@@ -46,6 +46,8 @@ pub enum Fault {
 #[derive(Debug, Clone)]
 pub struct Seen {
     pub step: String,
+    /// The topic text, read back from the prompt's topic line.
+    pub topic: String,
     pub at: Instant,
     pub body: Value,
     pub authorization: Option<String>,
@@ -65,6 +67,7 @@ struct Script {
 #[derive(Clone)]
 pub struct FakeModel {
     wire: Wire,
+    delay: Duration,
     script: Arc<Mutex<Script>>,
     seed: Arc<Mutex<u64>>,
 }
@@ -96,6 +99,15 @@ fn input_of(wire: Wire, body: &Value) -> String {
         Wire::Responses => body["input"].as_str().unwrap_or("").to_string(),
         Wire::Chat => body["messages"][1]["content"].as_str().unwrap_or("").to_string(),
     }
+}
+
+/// The topic from the prompt's `Topic (…): "<json string>"` line.
+pub fn topic_of(input: &str) -> String {
+    input
+        .lines()
+        .find_map(|l| l.strip_prefix("Topic (").and_then(|rest| rest.split_once("): ")).map(|(_, t)| t))
+        .and_then(|t| serde_json::from_str::<String>(t).ok())
+        .unwrap_or_default()
 }
 
 fn instructions_of(wire: Wire, body: &Value) -> String {
@@ -139,7 +151,18 @@ fn ok_body(wire: Wire, text: &str, incomplete: bool) -> Value {
 
 impl FakeModel {
     pub fn new(wire: Wire) -> FakeModel {
-        FakeModel { wire, script: Arc::new(Mutex::new(Script::default())), seed: Arc::new(Mutex::new(7)) }
+        FakeModel {
+            wire,
+            delay: Duration::ZERO,
+            script: Arc::new(Mutex::new(Script::default())),
+            seed: Arc::new(Mutex::new(7)),
+        }
+    }
+
+    /// Every answer takes this long.
+    pub fn with_delay(mut self, delay: Duration) -> FakeModel {
+        self.delay = delay;
+        self
     }
 
     pub fn fail(&self, step: &str, fault: Fault) -> &Self {
@@ -225,8 +248,9 @@ impl Respond for FakeModel {
                 (ResponseTemplate::new(200).set_body_json(ok_body(self.wire, &text, false)), 200)
             }
         };
-        self.script.lock().unwrap().seen.push(Seen { step, at: Instant::now(), body, authorization, status });
-        template
+        let topic = topic_of(&input_of(self.wire, &body));
+        self.script.lock().unwrap().seen.push(Seen { step, topic, at: Instant::now(), body, authorization, status });
+        template.set_delay(self.delay)
     }
 }
 
