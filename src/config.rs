@@ -275,6 +275,9 @@ pub struct KindConfig {
     pub min_sections: u32,
     pub max_sections: u32,
     pub require_approval: bool,
+    /// Prompt templates filled for this kind, set by `Config::load`.
+    #[serde(skip)]
+    pub rendered: crate::workflow::prompts::RenderedPrompts,
 }
 
 impl Default for KindConfig {
@@ -288,6 +291,7 @@ impl Default for KindConfig {
             min_sections: 3,
             max_sections: 5,
             require_approval: false,
+            rendered: Default::default(),
         }
     }
 }
@@ -339,6 +343,16 @@ impl Config {
             config.kinds = default_kinds();
         }
         config.validate()?;
+        let rendered: Vec<(String, crate::workflow::prompts::RenderedPrompts)> = config
+            .kinds
+            .iter()
+            .map(|(name, k)| (name.clone(), crate::workflow::prompts::render_kind(&config, k)))
+            .collect();
+        for (name, r) in rendered {
+            if let Some(k) = config.kinds.get_mut(&name) {
+                k.rendered = r;
+            }
+        }
         Ok(config)
     }
 
@@ -519,7 +533,7 @@ pub fn default_kinds() -> BTreeMap<String, KindConfig> {
             max_words: 400,
             min_sections: 3,
             max_sections: 4,
-            require_approval: false,
+            ..KindConfig::default()
         },
     );
     kinds

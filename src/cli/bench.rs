@@ -23,6 +23,9 @@ pub struct BenchArgs {
     /// Topics per run (overhead: default 2000 and 10000).
     #[arg(long)]
     pub topics: Vec<usize>,
+    /// overhead: which store settings to run (both, none, sqlite).
+    #[arg(long, default_value = "both")]
+    pub store: String,
     /// JSON lines are appended here.
     #[arg(long, default_value = "bench-results.jsonl")]
     pub results: PathBuf,
@@ -149,14 +152,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "overhead" => {
             let sizes = if args.topics.is_empty() { vec![2000, 10_000] } else { args.topics.clone() };
             for n in sizes {
-                let s = run_topics(bench_config(0, 100_000)?, None, n).await?;
-                report(
-                    &args.results,
-                    "overhead",
-                    "no store",
-                    &s,
-                    json!({"target_steps_per_s": 100000, "target_cpu_us": 15}),
-                )?;
+                if args.store != "sqlite" {
+                    let s = run_topics(bench_config(0, 100_000)?, None, n).await?;
+                    let targets = json!({"target_steps_per_s": 100000, "target_cpu_us": 15});
+                    report(&args.results, "overhead", "no store", &s, targets)?;
+                }
+                if args.store == "none" {
+                    continue;
+                }
                 let dir = tempfile_dir()?;
                 let store: Arc<dyn TopicStore> = Arc::new(SqliteStore::open(&dir.join("bench.db"))?);
                 let s = run_topics(bench_config(0, 100_000)?, Some(store), n).await?;

@@ -153,6 +153,53 @@ fn review_json(rng: &mut SmallRng) -> Value {
     })
 }
 
+/// Words of filler text, built once: drafts copy slices of it instead of
+/// drawing every word from the RNG (the simulator should cost far less than
+/// the orchestration it exercises).
+struct FillerText {
+    text: String,
+    /// Byte offset where each word starts.
+    starts: Vec<usize>,
+}
+
+const FILLER_WORDS: usize = 4096;
+
+fn filler_text() -> &'static FillerText {
+    static TEXT: std::sync::OnceLock<FillerText> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        let mut rng = SmallRng::seed_from_u64(0x5C21_9701);
+        let mut text = String::with_capacity(FILLER_WORDS * 7);
+        let mut starts = Vec::with_capacity(FILLER_WORDS);
+        for _ in 0..FILLER_WORDS {
+            starts.push(text.len());
+            text.push_str(FILLER[rng.random_range(0..FILLER.len())]);
+            text.push(' ');
+        }
+        FillerText { text, starts }
+    })
+}
+
+/// Appends exactly `words` words ("This … .") of filler.
+fn push_filler(out: &mut String, words: u32, rng: &mut impl Rng) {
+    if words == 0 {
+        return;
+    }
+    out.push_str("This");
+    let filler = filler_text();
+    let mut left = words as usize - 1;
+    while left > 0 {
+        let take = left.min(FILLER_WORDS / 2);
+        let first = rng.random_range(0..FILLER_WORDS - take);
+        let start = filler.starts[first];
+        // The end is where word `first + take` starts, minus its separator.
+        let end = filler.starts.get(first + take).copied().unwrap_or(filler.text.len()) - 1;
+        out.push(' ');
+        out.push_str(&filler.text[start..end]);
+        left -= take;
+    }
+    out.push('.');
+}
+
 /// A markdown draft meeting the contract: title, every heading, word count
 /// inside the range.
 pub fn draft_markdown(contract: &DraftContract, rng: &mut impl Rng) -> String {
@@ -174,10 +221,7 @@ pub fn draft_markdown(contract: &DraftContract, rng: &mut impl Rng) -> String {
         out.push('\n');
         let share = if i as u32 == n - 1 { body_words } else { (body_words / (n - i as u32)).max(1) };
         body_words -= share.min(body_words);
-        for w in 0..share {
-            out.push_str(if w == 0 { "This" } else { FILLER[rng.random_range(0..FILLER.len())] });
-            out.push(if w + 1 == share { '.' } else { ' ' });
-        }
+        push_filler(&mut out, share, rng);
         out.push_str("\n\n");
     }
     out
