@@ -8,6 +8,7 @@ pub mod actors;
 pub mod config;
 pub mod engine;
 pub mod events;
+pub mod fake_openai;
 pub mod llm;
 pub mod server;
 pub mod state;

@@ -34,6 +34,8 @@ pub enum Command {
     Daemon(cli::daemon::DaemonArgs),
     /// Run benchmark scenarios and print their numbers.
     Bench(cli::bench::BenchArgs),
+    /// Run the fake OpenAI server (loopback) for rehearsals and benchmarks.
+    FakeOpenai(cli::fake::FakeArgs),
     #[command(flatten)]
     Client(cli::client::ClientCommand),
 }
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
             Command::Run(args) => cli::run::run(cli.config, cli.log_format, args).await,
             Command::Daemon(args) => cli::daemon::run(cli.config, cli.socket, cli.log_format, args).await,
             Command::Bench(args) => cli::bench::run(args).await,
+            Command::FakeOpenai(args) => cli::fake::run(args).await,
             Command::Client(cmd) => cli::client::run(cli.config, cli.socket, cmd).await,
         }
     });

@@ -67,6 +67,11 @@ pub struct StageSupervisor;
 
 static ACTOR_SERIAL: AtomicU64 = AtomicU64::new(1);
 
+/// Stage actors restarted by any supervisor in this process. Chaos runs
+/// compare it with `stage::INJECTED_PANICS`; unlike the
+/// `scriptorium_actor_restarts_total` metric it needs no recorder.
+pub static ACTOR_RESTARTS: AtomicU64 = AtomicU64::new(0);
+
 async fn spawn_one<S: Stage>(
     slot: &Slot<S>,
     services: &Arc<Services>,
@@ -156,7 +161,9 @@ impl Actor for StageSupervisor {
             return Ok(());
         }
         tracing::warn!(actor = kind.as_str(), error = %one_line(&err.to_string()), "stage actor failed; restarting");
-        state.spawn(kind, myself.get_cell()).await
+        state.spawn(kind, myself.get_cell()).await?;
+        ACTOR_RESTARTS.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn post_stop(

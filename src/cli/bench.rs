@@ -3,7 +3,7 @@
 //! numbers, never in tests.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,12 +15,16 @@ use scriptorium::store::TopicStore;
 use scriptorium::{EngineOptions, Scriptorium, SubmitRequest};
 use serde_json::json;
 
+mod fake;
+
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Scenario: overhead, scale (more to come: see README "Performance").
+    /// Scenario: overhead, scale, ratelimit, tokens, chaos, crash (see README
+    /// "Performance").
     #[arg(long, default_value = "overhead")]
     pub scenario: String,
-    /// Topics per run (overhead: default 2000 and 10000).
+    /// Topics per run (overhead: default 2000 and 10000; ratelimit, tokens,
+    /// chaos, crash: default 1000, first value used).
     #[arg(long)]
     pub topics: Vec<usize>,
     /// overhead: which store settings to run (both, none, sqlite).
@@ -145,6 +149,22 @@ fn report(
     Ok(())
 }
 
+/// Prints one table row (`scenario label text`) and appends `line` plus
+/// the scenario, label and core count as one JSON line to `results`.
+fn row(results: &Path, scenario: &str, label: &str, text: &str, line: serde_json::Value) -> anyhow::Result<()> {
+    println!("{scenario:<10} {label:<22} {text}");
+    let mut out = json!({
+        "scenario": scenario, "label": label,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    });
+    if let (Some(obj), serde_json::Value::Object(more)) = (out.as_object_mut(), line) {
+        obj.extend(more);
+    }
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(results)?;
+    writeln!(f, "{out}")?;
+    Ok(())
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     println!("# scriptorium bench, {cores} cores; results appended to {}", args.results.display());
@@ -182,7 +202,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 println!("{:<10} {:<22} rss/topic={per_topic:.1}KiB (target <= 16)", "scale", format!("{n} in flight"));
             }
         }
-        other => anyhow::bail!("unknown scenario `{other}` (have: overhead, scale)"),
+        "ratelimit" | "tokens" => {
+            let n = args.topics.first().copied().unwrap_or(1000);
+            fake::rate_bound(&args.results, &args.scenario, n).await?;
+        }
+        "chaos" => fake::chaos(&args.results, args.topics.first().copied().unwrap_or(1000)).await?,
+        "crash" => fake::crash(&args.results, args.topics.first().copied().unwrap_or(1000)).await?,
+        other => anyhow::bail!("unknown scenario `{other}` (have: overhead, scale, ratelimit, tokens, chaos, crash)"),
     }
     Ok(ExitCode::SUCCESS)
 }
