@@ -275,6 +275,11 @@ pub struct KindConfig {
     pub min_sections: u32,
     pub max_sections: u32,
     pub require_approval: bool,
+    /// Ask the writer and reviser for JSON with one text field per outline
+    /// section (headings fixed by the schema) and render the markdown in
+    /// code, instead of asking for markdown. Constrained decoding then
+    /// guarantees the structure even on a weak local model.
+    pub structured_draft: bool,
     /// Prompt templates filled for this kind, set by `Config::load`.
     #[serde(skip)]
     pub rendered: crate::workflow::prompts::RenderedPrompts,
@@ -291,6 +296,7 @@ impl Default for KindConfig {
             min_sections: 3,
             max_sections: 5,
             require_approval: false,
+            structured_draft: false,
             rendered: Default::default(),
         }
     }
@@ -536,6 +542,21 @@ pub fn default_kinds() -> BTreeMap<String, KindConfig> {
             ..KindConfig::default()
         },
     );
+    kinds.insert(
+        "brief".to_string(),
+        KindConfig {
+            description: "A short overview in a few plain paragraphs".into(),
+            persona: "You are a clear, plain-spoken writer.".into(),
+            rubric: "on topic, plain language, one idea per section".into(),
+            min_words: 60,
+            max_words: 150,
+            min_sections: 1,
+            max_sections: 3,
+            require_approval: false,
+            structured_draft: true,
+            rendered: Default::default(),
+        },
+    );
     kinds
 }
 
@@ -561,7 +582,8 @@ mod tests {
     fn defaults_are_valid() {
         let c = Config::from_toml_str("", &[]).unwrap();
         assert_eq!(c.llm.model, "gpt-5.4-mini");
-        assert_eq!(c.kinds.len(), 3);
+        assert_eq!(c.kinds.len(), 4);
+        assert!(c.kinds["brief"].structured_draft && !c.kinds["article"].structured_draft);
     }
 
     #[test]

@@ -182,7 +182,9 @@ pub struct TopicState {
     pub finished_at_ms: Option<u64>,
 }
 
-/// One completed step or decision, in the order it happened.
+/// One completed step or decision, in the order it happened. A failed
+/// step's `timing` is `None` in journals written before failures had one,
+/// and on `Failed` when no single step failed (every variant did).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum JournalRecord {
@@ -191,7 +193,7 @@ pub enum JournalRecord {
     Planned { outline: Outline, cost: StepCost, timing: StepTiming },
     Drafted { variant: u32, draft: Draft, cost: StepCost, timing: StepTiming },
     Reviewed { variant: u32, review: Review, cost: StepCost, timing: StepTiming },
-    VariantFailed { variant: u32, error: StepError, cost: StepCost },
+    VariantFailed { variant: u32, error: StepError, cost: StepCost, timing: Option<StepTiming> },
     Chosen { variant: u32, reason: String },
     Revised { number: u32, draft: Draft, human_note: Option<String>, cost: StepCost, timing: StepTiming },
     RevisionReviewed { number: u32, review: Review, cost: StepCost, timing: StepTiming },
@@ -199,7 +201,7 @@ pub enum JournalRecord {
     Approved { note: Option<String>, at_ms: u64 },
     Rejected { note: String, at_ms: u64 },
     Completed,
-    Failed { error: StepError, cost: StepCost },
+    Failed { error: StepError, cost: StepCost, timing: Option<StepTiming> },
     Cancelled,
 }
 
@@ -332,9 +334,10 @@ impl TopicState {
                 self.timings.push(timing.clone());
                 self.step = Some("review".into());
             }
-            J::VariantFailed { variant, error, cost } => {
+            J::VariantFailed { variant, error, cost, timing } => {
                 self.variant_mut(*variant).error = Some(error.clone());
                 self.charge(cost);
+                self.timings.extend(timing.clone());
             }
             J::Chosen { variant, reason } => {
                 self.chosen_variant = Some(*variant);
@@ -383,9 +386,10 @@ impl TopicState {
                 self.status = TopicStatus::Running;
             }
             J::Completed => self.complete(&at_ms),
-            J::Failed { error, cost } => {
+            J::Failed { error, cost, timing } => {
                 self.error = Some(error.clone());
                 self.charge(cost);
+                self.timings.extend(timing.clone());
                 self.status = TopicStatus::Failed;
                 self.finished_at_ms = Some(at_ms);
             }
@@ -445,5 +449,24 @@ impl From<&TopicState> for TopicSummary {
             revisions: s.revisions.len() as u32,
             error: s.error.as_ref().map(|e| e.message.clone()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_journaled_without_timing_still_read() {
+        let old = r#"{"type":"failed","error":{"step":"plan","kind":"invalid_output","message":"m"},"cost":{"calls":6,"attempts":6,"usage":{"input_tokens":1,"output_tokens":2}}}"#;
+        match serde_json::from_str::<JournalRecord>(old).unwrap() {
+            JournalRecord::Failed { timing, cost, .. } => assert_eq!((timing, cost.attempts), (None, 6)),
+            other => panic!("{other:?}"),
+        }
+        let old = r#"{"type":"variant_failed","variant":1,"error":{"step":"write","kind":"timeout","message":"m"},"cost":{"calls":1,"attempts":1,"usage":{"input_tokens":0,"output_tokens":0}}}"#;
+        assert!(matches!(
+            serde_json::from_str::<JournalRecord>(old).unwrap(),
+            JournalRecord::VariantFailed { variant: 1, timing: None, .. }
+        ));
     }
 }

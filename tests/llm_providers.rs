@@ -418,6 +418,31 @@ async fn chat_missing_usage_and_extra_fields_are_fine() {
     assert_eq!((reply.usage.input_tokens, reply.usage.output_tokens), (0, 0));
 }
 
+#[tokio::test]
+async fn llama_server_answers_parse_verbatim() {
+    // Bodies exactly as llama.cpp's llama-server (Gemma 3 270M) sent them in
+    // the end-to-end run: extra fields (`timings`, `system_fingerprint`,
+    // `completed_at`, `logprobs`, token details) are ignored, usage is read.
+    let chat = r#"{"choices":[{"finish_reason":"stop","index":0,"message":{"role":"assistant","content":"{\n    \"kind\": \"article\"\n}"}}],"created":1795485239,"model":"gemma-3-270m","system_fingerprint":"b0-unknown","object":"chat.completion","usage":{"completion_tokens":12,"prompt_tokens":39,"total_tokens":51,"prompt_tokens_details":{"cached_tokens":0}},"id":"chatcmpl-O6t6jXErKEqyOMmlhCcrjWpLOP3bJtSR","timings":{"cache_n":0,"prompt_n":39,"prompt_ms":1992.018,"prompt_per_token_ms":51.07738461538462,"prompt_per_second":19.578136342141487,"predicted_n":12,"predicted_ms":3589.773,"predicted_per_token_ms":326.343,"predicted_per_second":3.0642606092362943}}"#;
+    let reply = call(Kind::Chat, ResponseTemplate::new(200).set_body_raw(chat, "application/json")).await.unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&reply.text).unwrap(), json!({"kind": "article"}));
+    assert_eq!((reply.usage.input_tokens, reply.usage.output_tokens), (39, 12));
+
+    // Its Responses endpoint ignores `text.format` and reports `completed`
+    // even when cut off at max_output_tokens: the text reaches the gate.
+    let responses = r#"{"completed_at":1795485229,"created_at":1795485229,"id":"resp_im2VXPx7UJp9SdSVuN0FKLhsB0FziT9w","model":"gemma-3-270m","object":"response","output":[{"content":[{"type":"output_text","annotations":[],"logprobs":[],"text":"You classify writing requests.\nAnswer with a JSON"}],"id":"msg_0qskt7OPAntkj2SV02xX63xESQGRbX1q","role":"assistant","status":"completed","type":"message"}],"status":"completed","usage":{"input_tokens":52,"output_tokens":100,"total_tokens":152,"input_tokens_details":{"cached_tokens":0}}}"#;
+    let reply =
+        call(Kind::OpenAi, ResponseTemplate::new(200).set_body_raw(responses, "application/json")).await.unwrap();
+    assert_eq!(reply.text, "You classify writing requests.\nAnswer with a JSON");
+    assert_eq!((reply.usage.input_tokens, reply.usage.output_tokens), (52, 100));
+
+    // Its error answers are OpenAI-shaped; a 400 is fatal with the message.
+    let bad = r#"{"error":{"code":400,"message":"llama.cpp does not support 'previous_response_id'.","type":"invalid_request_error"}}"#;
+    let err = call(Kind::OpenAi, ResponseTemplate::new(400).set_body_raw(bad, "application/json")).await.unwrap_err();
+    assert_eq!((err.reason(), err.http_status()), (FailureReason::Fatal, Some(400)));
+    assert!(err.to_string().contains("previous_response_id"), "{err}");
+}
+
 // ---- error classification, both providers -----------------------------------
 
 #[tokio::test]

@@ -45,9 +45,13 @@ async fn a_topic_completes_over_both_wire_formats() {
         assert!(state.usage.llm_calls >= 8, "route + plan + 3 writes + 3 reviews");
         assert_eq!(state.usage.input_tokens, 100 * state.usage.llm_calls);
         let seen = fake.seen();
+        // The router may pick a kind whose writer answers in JSON too.
+        let config = test_config(&[]);
+        let structured_draft = state.route.as_deref().and_then(|k| config.kind(k)).is_some_and(|k| k.structured_draft);
         for s in &seen {
             assert_eq!(s.authorization.as_deref(), Some(format!("Bearer {KEY}").as_str()));
-            let structured = matches!(s.step.as_str(), "route" | "plan" | "review");
+            let structured = matches!(s.step.as_str(), "route" | "plan" | "review")
+                || (structured_draft && matches!(s.step.as_str(), "write" | "revise"));
             let format = match wire {
                 Wire::Responses => &s.body["text"]["format"],
                 Wire::Chat => &s.body["response_format"],
@@ -57,6 +61,45 @@ async fn a_topic_completes_over_both_wire_formats() {
                 assert_eq!(format["strict"], true);
                 scriptorium::workflow::schema::check_strict(&format["schema"]).unwrap();
             }
+        }
+        engine.shutdown(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_structured_draft_kind_gets_sections_as_json_and_renders_markdown() {
+    for wire in WIRES {
+        let server = MockServer::start().await;
+        let fake = FakeModel::new(wire);
+        // Not approved first: the reviser answers in JSON as well.
+        fake.reviews(&[(false, 5), (false, 4), (false, 3), (true, 9)]);
+        fake.mount(&server).await;
+        let engine = start(test_config(&[]), wire, &server).await;
+        let request =
+            SubmitRequest { topic: "Why do cats purr?".into(), kind: Some("brief".into()), ..SubmitRequest::default() };
+        let receipt = engine.submit(request).await.unwrap();
+        let state = engine.wait(&receipt.id, Some(Duration::from_secs(60))).await.unwrap();
+        assert_eq!(state.status, TopicStatus::Completed, "{wire:?}: {:?}", state.error);
+        assert_eq!(state.revisions.len(), 1, "{wire:?}");
+        let outline = state.outline.clone().unwrap();
+        let final_draft = state.final_draft.clone().unwrap();
+        let markdown = &final_draft.draft.markdown;
+        assert!(markdown.starts_with(&format!("# {}\n", outline.title)), "{markdown}");
+        for heading in outline.sections.iter().chain(std::iter::once(&"Conclusion".to_string())) {
+            assert!(markdown.contains(&format!("\n## {heading}\n")), "{heading}: {markdown}");
+        }
+        let drafts: Vec<_> = fake.seen().into_iter().filter(|s| s.step == "write" || s.step == "revise").collect();
+        assert_eq!(drafts.len(), 4, "{wire:?}: 3 writes and 1 revision");
+        for s in &drafts {
+            let format = match wire {
+                Wire::Responses => s.body["text"]["format"].clone(),
+                Wire::Chat => s.body["response_format"]["json_schema"].clone(),
+            };
+            assert_eq!(format["name"], "draft", "{wire:?} {}", s.step);
+            assert_eq!(format["strict"], true);
+            scriptorium::workflow::schema::check_strict(&format["schema"]).unwrap();
+            let keys = format["schema"]["required"].as_array().unwrap().len();
+            assert_eq!(keys, outline.sections.len() + 1, "one key per section and the conclusion");
         }
         engine.shutdown(Duration::from_secs(1)).await;
     }
@@ -189,7 +232,24 @@ async fn all_variants_failing_fails_the_topic() {
     let engine = start(test_config(&[("RETRY__MAX_ATTEMPTS", "1")]), Wire::Responses, &server).await;
     let state = run_one(&engine, "Nothing works").await;
     assert_eq!(state.status, TopicStatus::Failed);
-    assert!(state.error.unwrap().message.contains("all 3 variants failed"));
+    let error = state.error.clone().unwrap();
+    assert!(error.message.contains("all 3 variants failed"));
+    assert_eq!((error.step, error.kind), (Step::Write, FailureReason::InvalidOutput));
+    // Failed steps keep their timings (attempts) in the state too.
+    assert_eq!(attempts_of(&state, Step::Write), vec![1, 1, 1]);
+
+    // Classified by what the variants died of, not as a gate failure.
+    let server = MockServer::start().await;
+    let fake = FakeModel::new(Wire::Chat);
+    for _ in 0..3 {
+        fake.fail("review", Fault::Status { status: 503, body: json!({"error": "busy"}), retry_after_ms: None });
+    }
+    fake.mount(&server).await;
+    let engine = start(test_config(&[("RETRY__MAX_ATTEMPTS", "1")]), Wire::Chat, &server).await;
+    let state = run_one(&engine, "Reviews fail").await;
+    let error = state.error.clone().unwrap();
+    assert_eq!((error.step, error.kind), (Step::Review, FailureReason::ServerError), "{error:?}");
+    assert_eq!(attempts_of(&state, Step::Review), vec![1, 1, 1]);
 }
 
 #[tokio::test]

@@ -143,6 +143,7 @@ async fn topic_in(store: &SqliteStore, id: &str, status: TopicStatus, t0: u64) -
                         message: "retry budget exhausted".into(),
                     },
                     cost: cost(3, 600, 0),
+                    timing: None,
                 },
                 t0 + 90,
             ),

@@ -270,9 +270,11 @@ impl TopicRunner {
         step: Step,
         failure: &StepFailure,
         cost: StepCost,
+        timing: StepTiming,
     ) -> Result<Halt, StoreError> {
         tracing::warn!(topic_id = %live.ctx.id, %step, reason = failure.error.reason().as_str(), error = %failure.error, "topic failed");
-        self.journal(live, JournalRecord::Failed { error: step_error(step, failure), cost }).await?;
+        let record = JournalRecord::Failed { error: step_error(step, failure), cost, timing: Some(timing) };
+        self.journal(live, record).await?;
         Ok(Halt::Finished)
     }
 
@@ -338,7 +340,7 @@ impl TopicRunner {
                             .await?;
                         return Ok(s.value);
                     }
-                    Err(f) => return Err(self.fail(live, Step::Route, &f, cost).await?),
+                    Err(f) => return Err(self.fail(live, Step::Route, &f, cost, timing).await?),
                 }
             }
         };
@@ -360,7 +362,7 @@ impl TopicRunner {
                 self.journal(live, JournalRecord::Planned { outline: s.value, cost, timing }).await?;
                 Ok(outline)
             }
-            Err(f) => Err(self.fail(live, Step::Plan, &f, cost).await?),
+            Err(f) => Err(self.fail(live, Step::Plan, &f, cost, timing).await?),
         }
     }
 
@@ -428,7 +430,7 @@ impl TopicRunner {
                         self.journal(live, JournalRecord::Drafted { variant, draft: s.value, cost, timing }).await?;
                         draft
                     }
-                    Err(f) => return self.variant_failed(live, Step::Write, variant, f, cost).await,
+                    Err(f) => return self.variant_failed(live, Step::Write, variant, f, cost, timing).await,
                 }
             }
         };
@@ -447,7 +449,7 @@ impl TopicRunner {
                 self.journal(live, JournalRecord::Reviewed { variant, review: s.value, cost, timing }).await?;
                 Ok(())
             }
-            Err(f) => self.variant_failed(live, Step::Review, variant, f, cost).await,
+            Err(f) => self.variant_failed(live, Step::Review, variant, f, cost, timing).await,
         }
     }
 
@@ -458,12 +460,14 @@ impl TopicRunner {
         variant: u32,
         f: StepFailure,
         cost: StepCost,
+        timing: StepTiming,
     ) -> Result<(), Halt> {
         if !f.error.is_retryable() {
-            return Err(self.fail(live, step, &f, cost).await?);
+            return Err(self.fail(live, step, &f, cost, timing).await?);
         }
         tracing::warn!(topic_id = %live.ctx.id, %step, variant, error = %f.error, "variant failed; continuing with the others");
-        self.journal(live, JournalRecord::VariantFailed { variant, error: step_error(step, &f), cost }).await?;
+        let error = step_error(step, &f);
+        self.journal(live, JournalRecord::VariantFailed { variant, error, cost, timing: Some(timing) }).await?;
         Ok(())
     }
 
@@ -482,17 +486,22 @@ impl TopicRunner {
                 Ok(())
             }
             None => {
-                let message = {
+                let error = {
                     let st = live.lock();
-                    let errors: Vec<String> = st
+                    let errors: Vec<&StepError> = st.variants.iter().filter_map(|v| v.error.as_ref()).collect();
+                    let listed: Vec<String> = st
                         .variants
                         .iter()
                         .filter_map(|v| v.error.as_ref().map(|e| format!("variant {}: {}", v.index, e.message)))
                         .collect();
-                    format!("all {} variants failed ({})", st.variants_requested, errors.join("; "))
+                    // Classified by the variants' own failures: the first
+                    // variant's step and reason (they usually agree).
+                    let (step, kind) =
+                        errors.first().map(|e| (e.step, e.kind)).unwrap_or((Step::Write, FailureReason::InvalidOutput));
+                    let message = format!("all {} variants failed ({})", st.variants_requested, listed.join("; "));
+                    StepError { step, kind, message }
                 };
-                let error = StepError { step: Step::Write, kind: FailureReason::InvalidOutput, message };
-                self.journal(live, JournalRecord::Failed { error, cost: StepCost::default() }).await?;
+                self.journal(live, JournalRecord::Failed { error, cost: StepCost::default(), timing: None }).await?;
                 Err(Halt::Finished)
             }
         }
@@ -550,7 +559,7 @@ impl TopicRunner {
                     .await?;
                     self.review_revision(live, kind, outline, revised, next_number).await?;
                 }
-                Err(f) => return Err(self.fail(live, Step::Revise, &f, cost).await?),
+                Err(f) => return Err(self.fail(live, Step::Revise, &f, cost, timing).await?),
             }
         }
     }
@@ -579,7 +588,7 @@ impl TopicRunner {
                 self.journal(live, JournalRecord::RevisionReviewed { number, review: s.value, cost, timing }).await?;
                 Ok(())
             }
-            Err(f) => Err(self.fail(live, Step::Review, &f, cost).await?),
+            Err(f) => Err(self.fail(live, Step::Review, &f, cost, timing).await?),
         }
     }
 }

@@ -40,7 +40,7 @@ impl Formats {
         let kind_names = config.kind_names();
         Formats {
             route: Arc::new(schema::route_format(&kind_names)),
-            review: Arc::new(schema::review_format()),
+            review: Arc::new(schema::review_format_for(config.llm.max_output_tokens)),
             outlines: config.kinds.iter().map(|(n, k)| (n.clone(), Arc::new(schema::outline_format(k)))).collect(),
             kind_names,
         }

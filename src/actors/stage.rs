@@ -18,11 +18,13 @@ use rand::Rng;
 use tracing::Instrument;
 
 use super::Services;
+use crate::config::KindConfig;
 use crate::events::TopicEvent;
 use crate::llm::retry::{Attempt, AttemptReport, StepFailure, StepSuccess};
 use crate::llm::LlmRequest;
 use crate::state::{now_ms, TopicStatus};
 use crate::workflow::gates::{self, GateError};
+use crate::workflow::schema::{self, StructuredFormat};
 use crate::workflow::{prompts, Draft, Outline, Review, Step};
 
 /// What every job knows about its topic. Shared, never copied per step.
@@ -83,7 +85,7 @@ fn request_for<S: Stage>(
     job: &S::Job,
     prompt: prompts::Prompt,
     attempt: Attempt<'_>,
-    structured: Option<Arc<crate::workflow::schema::StructuredFormat>>,
+    structured: Option<Arc<StructuredFormat>>,
 ) -> LlmRequest {
     LlmRequest {
         step: S::STEP,
@@ -189,11 +191,12 @@ impl Stage for WriteStage {
         JobPosition { variant: Some(job.variant), revision: None }
     }
     fn request(s: &Services, job: &WriteJob, a: Attempt<'_>) -> LlmRequest {
-        let p = prompts::write(&s.config, s.kind(&job.kind), &job.topic.topic, &job.outline, a.feedback);
-        request_for::<Self>(s, job, p, a, None)
+        let kind = s.kind(&job.kind);
+        let p = prompts::write(&s.config, kind, &job.topic.topic, &job.outline, a.feedback);
+        request_for::<Self>(s, job, p, a, draft_format(kind, &job.outline))
     }
     fn gate(s: &Services, job: &WriteJob, text: &str) -> Result<Draft, GateError> {
-        gates::check_draft(text, &job.outline, s.kind(&job.kind))
+        gate_draft(s.kind(&job.kind), &job.outline, text)
     }
 }
 
@@ -236,11 +239,27 @@ impl Stage for ReviseStage {
             review: &job.review,
             human_note: job.human_note.as_deref(),
         };
-        let p = prompts::revise(&s.config, s.kind(&job.kind), &input, a.feedback);
-        request_for::<Self>(s, job, p, a, None)
+        let kind = s.kind(&job.kind);
+        let p = prompts::revise(&s.config, kind, &input, a.feedback);
+        request_for::<Self>(s, job, p, a, draft_format(kind, &job.outline))
     }
     fn gate(s: &Services, job: &ReviseJob, text: &str) -> Result<Draft, GateError> {
-        gates::check_draft(text, &job.outline, s.kind(&job.kind))
+        gate_draft(s.kind(&job.kind), &job.outline, text)
+    }
+}
+
+/// The writer's and reviser's format: markdown (`None`), or for a kind with
+/// `structured_draft` the per-outline schema (built per attempt: it is a
+/// handful of keys, small next to the call).
+fn draft_format(kind: &KindConfig, outline: &Outline) -> Option<Arc<StructuredFormat>> {
+    kind.structured_draft.then(|| Arc::new(schema::draft_format(kind, outline)))
+}
+
+fn gate_draft(kind: &KindConfig, outline: &Outline, text: &str) -> Result<Draft, GateError> {
+    if kind.structured_draft {
+        gates::check_structured_draft(text, outline, kind)
+    } else {
+        gates::check_draft(text, outline, kind)
     }
 }
 

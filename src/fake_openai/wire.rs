@@ -127,9 +127,11 @@ impl ParsedRequest {
             Some("route") => "route",
             Some("outline") => "plan",
             Some("review") => "review",
+            // Writer and reviser of a structured-draft kind share the
+            // "draft" format; the input tells them apart as for markdown.
+            Some("draft") | None if self.input.contains("Draft to revise") => "revise",
+            Some("draft") | None => "write",
             Some(_) => "other",
-            None if self.input.contains("Draft to revise") => "revise",
-            None => "write",
         }
     }
 
@@ -223,6 +225,9 @@ mod tests {
         assert_eq!(c.instructions, "rules");
         assert_eq!(c.max_output_tokens, 50);
         assert!(c.format.is_none());
+        let mut structured = chat.clone();
+        structured["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "draft", "schema": {"type": "object"}, "strict": true}});
+        assert_eq!(ParsedRequest::parse(Wire::Chat, &structured).unwrap().step(), "revise");
 
         assert!(ParsedRequest::parse(Wire::Chat, &json!({"model": "m"})).is_err());
         assert!(ParsedRequest::parse(Wire::Responses, &json!([1])).is_err());

@@ -227,6 +227,29 @@ pub fn draft_markdown(contract: &DraftContract, rng: &mut impl Rng) -> String {
     out
 }
 
+/// A structured draft (one key per section, see `schema::draft_keys`)
+/// meeting the contract: the section texts of a markdown draft under the
+/// schema's keys, which sort in document order.
+fn structured_draft_json(schema: &Value, instructions: &str, rng: &mut SmallRng) -> Value {
+    let markdown = DraftContract::parse(instructions).map(|c| draft_markdown(&c, rng)).unwrap_or_default();
+    let mut bodies: Vec<String> = Vec::new();
+    for line in markdown.lines() {
+        if line.starts_with("## ") {
+            bodies.push(String::new());
+        } else if let Some(body) = bodies.last_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    let keys = schema["properties"].as_object().map(|p| p.keys().cloned().collect::<Vec<_>>()).unwrap_or_default();
+    let mut bodies = bodies.into_iter();
+    let object: serde_json::Map<String, Value> = keys
+        .into_iter()
+        .map(|k| (k, Value::String(bodies.next().unwrap_or_else(|| "[simulated] text".to_string()))))
+        .collect();
+    Value::Object(object)
+}
+
 /// A plausible, gate-passing output for a request, from what a server sees:
 /// the structured format's name and schema (if any), the instructions and
 /// the input. Shared with the fake OpenAI server used by tests and benches.
@@ -234,6 +257,7 @@ pub fn fake_output(format: Option<(&str, &Value)>, instructions: &str, input: &s
     match format {
         Some(("route", schema)) => route_json(schema, rng).to_string(),
         Some(("outline", schema)) => outline_json(schema, rng, &topic_of(input)).to_string(),
+        Some(("draft", schema)) => structured_draft_json(schema, instructions, rng).to_string(),
         Some(_) => review_json(rng).to_string(),
         None => match DraftContract::parse(instructions) {
             Some(contract) => draft_markdown(&contract, rng),
@@ -306,6 +330,27 @@ mod tests {
                 let md = draft_markdown(&contract, &mut SmallRng::seed_from_u64(seed));
                 gates::check_draft(&md, &outline, &kind)
                     .unwrap_or_else(|e| panic!("{min}-{max} seed {seed}: {e}\n{md}"));
+            }
+        }
+    }
+
+    #[test]
+    fn structured_drafts_pass_the_gate_for_many_seeds() {
+        let config = crate::config::Config::from_toml_str("", &[]).unwrap();
+        for (min, max, n) in [(60, 150, 2), (60, 150, 3), (250, 400, 5), (40, 60, 2)] {
+            let kind = KindConfig { min_words: min, max_words: max, structured_draft: true, ..KindConfig::default() };
+            let outline = Outline { title: "A title".into(), sections: (0..n).map(|i| format!("Part {i}")).collect() };
+            let p = prompts::write(&config, &kind, "t", &outline, None);
+            let format = crate::workflow::schema::draft_format(&kind, &outline);
+            for seed in 0..100 {
+                let text = fake_output(
+                    Some(("draft", &format.schema)),
+                    &p.instructions,
+                    &p.input,
+                    &mut SmallRng::seed_from_u64(seed),
+                );
+                gates::check_structured_draft(&text, &outline, &kind)
+                    .unwrap_or_else(|e| panic!("{min}-{max} seed {seed}: {e}\n{text}"));
             }
         }
     }

@@ -4,7 +4,7 @@
 //! failure is a retryable failure of that step; its message is fed back to
 //! the model on the next attempt, so it says exactly what was wrong.
 
-use super::schema::{REVIEW_ITEMS_MAX, SHORT_TEXT_MAX};
+use super::schema::{draft_keys, REVIEW_ITEMS_MAX, SHORT_TEXT_MAX};
 use super::{Draft, Outline, Review, Route};
 use crate::config::KindConfig;
 
@@ -63,14 +63,18 @@ pub fn check_route(text: &str, kinds: &[String]) -> Result<Route, GateError> {
     Ok(Route { kind: kind.to_string() })
 }
 
+/// A section that repeats an earlier one (ignoring case) is dropped, not
+/// rejected: small models echo the topic as every heading, and no schema in
+/// the strict subset can forbid repeats. The count is checked after that.
 pub fn check_outline(text: &str, kind: &KindConfig) -> Result<Outline, GateError> {
     let outline: Outline = parse_json(text, "outline")?;
     let title = one_line_text(&outline.title, "title", SHORT_TEXT_MAX)?;
-    let n = outline.sections.len() as u32;
-    if n < kind.min_sections || n > kind.max_sections {
+    if outline.sections.len() as u32 > kind.max_sections {
         return fail(format!(
-            "`sections` must have between {} and {} entries (got {n})",
-            kind.min_sections, kind.max_sections
+            "`sections` must have between {} and {} entries (got {})",
+            kind.min_sections,
+            kind.max_sections,
+            outline.sections.len()
         ));
     }
     let mut sections = Vec::with_capacity(outline.sections.len());
@@ -79,10 +83,16 @@ pub fn check_outline(text: &str, kind: &KindConfig) -> Result<Outline, GateError
         if s.eq_ignore_ascii_case("conclusion") {
             return fail("`sections` must not include a Conclusion; it is added automatically");
         }
-        if sections.iter().any(|p: &String| p.eq_ignore_ascii_case(&s)) {
-            return fail(format!("`sections` repeats `{s}`"));
+        if !sections.iter().any(|p: &String| p.eq_ignore_ascii_case(&s)) {
+            sections.push(s);
         }
-        sections.push(s);
+    }
+    let n = sections.len() as u32;
+    if n < kind.min_sections {
+        return fail(format!(
+            "`sections` must have between {} and {} distinct entries (got {n})",
+            kind.min_sections, kind.max_sections
+        ));
     }
     Ok(Outline { title, sections })
 }
@@ -153,6 +163,57 @@ pub fn check_draft(text: &str, outline: &Outline, kind: &KindConfig) -> Result<D
     Ok(Draft { markdown: markdown.into(), words })
 }
 
+/// Renders a structured draft: `# title`, then `## heading` and its text for
+/// every section. The code owns the structure: a line of model text that
+/// starts with `#` loses its markers, so the text cannot add or reorder
+/// headings.
+pub fn render_sections(title: &str, sections: &[(&str, &str)]) -> String {
+    let mut out = format!("# {title}\n\n");
+    for (heading, text) in sections {
+        out.push_str("## ");
+        out.push_str(heading);
+        out.push('\n');
+        for line in text.trim().lines() {
+            let trimmed = line.trim_start();
+            if trimmed.starts_with('#') {
+                out.push_str(trimmed.trim_start_matches('#').trim_start());
+            } else {
+                out.push_str(line.trim_end());
+            }
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Gate for a structured draft (`kinds.NAME.structured_draft`): a JSON
+/// object with exactly the keys of `schema::draft_keys`, each a non-empty
+/// string. The rendered markdown then passes the same `check_draft` as a
+/// markdown answer, so word counts are checked the same way.
+pub fn check_structured_draft(text: &str, outline: &Outline, kind: &KindConfig) -> Result<Draft, GateError> {
+    let object: serde_json::Map<String, serde_json::Value> = parse_json(text, "draft")?;
+    let keys = draft_keys(outline);
+    let expected = || keys.iter().map(|(k, _)| format!("`{k}`")).collect::<Vec<_>>().join(", ");
+    if let Some(extra) = object.keys().find(|k| !keys.iter().any(|(key, _)| key == *k)) {
+        return fail(format!("unexpected key `{extra}`; the keys must be exactly: {}", expected()));
+    }
+    let mut sections = Vec::with_capacity(keys.len());
+    for (key, heading) in &keys {
+        match object.get(key) {
+            Some(serde_json::Value::String(body)) if !body.trim().is_empty() => {
+                sections.push((heading.as_str(), body.as_str()))
+            }
+            Some(serde_json::Value::String(_)) => {
+                return fail(format!("`{key}` (the text under `## {heading}`) is empty"))
+            }
+            Some(_) => return fail(format!("`{key}` must be a string")),
+            None => return fail(format!("missing key `{key}` (the text under `## {heading}`)")),
+        }
+    }
+    check_draft(&render_sections(&outline.title, &sections), outline, kind)
+}
+
 pub fn check_review(text: &str) -> Result<Review, GateError> {
     let review: Review = parse_json(text, "review")?;
     if review.score > 10 {
@@ -207,6 +268,11 @@ mod tests {
     fn outline_gate() {
         let ok = check_outline(r#"{"title":" A title ","sections":["One","Two"]}"#, &kind()).unwrap();
         assert_eq!(ok.title, "A title");
+        // Repeats are dropped; what is left must still be enough.
+        let dup = check_outline(r#"{"title":"x","sections":["One","Two","one"]}"#, &kind()).unwrap();
+        assert_eq!(dup.sections, vec!["One", "Two"]);
+        let err = check_outline(r#"{"title":"x","sections":["One","one ","ONE"]}"#, &kind()).unwrap_err();
+        assert!(err.0.contains("distinct entries (got 1)"), "{err}");
         let bad = [
             r#"{"title":"","sections":["One","Two"]}"#,
             r#"{"title":"x","sections":["One"]}"#,
@@ -250,6 +316,34 @@ mod tests {
         }
         let long = format!("## Alpha\n## Beta Part\n## Conclusion\n{}", "w ".repeat(50));
         assert!(check_draft(&long, &outline(), &kind()).unwrap_err().0.contains("between 10 and 40"));
+    }
+
+    #[test]
+    fn structured_draft_renders_and_passes_the_draft_gate() {
+        let text = r#"{"01_alpha":"one two three","02_beta_part":"four five\n## sneaky heading\nsix","03_conclusion":"seven eight nine"}"#;
+        let d = check_structured_draft(text, &outline(), &kind()).unwrap();
+        assert_eq!(
+            &*d.markdown,
+            "# T\n\n## Alpha\none two three\n\n## Beta Part\nfour five\nsneaky heading\nsix\n\n## Conclusion\nseven eight nine"
+        );
+        assert_eq!(check_draft(&d.markdown, &outline(), &kind()).unwrap(), d);
+        let bad = [
+            ("not json", "## Alpha\ntext"),
+            ("missing key", r#"{"01_alpha":"one two three four five six","03_conclusion":"seven eight nine"}"#),
+            ("extra key", r#"{"01_alpha":"a b c d","02_beta_part":"e f g","03_conclusion":"h i j","x":"y"}"#),
+            ("empty body", r#"{"01_alpha":"one two three four five six","02_beta_part":"  ","03_conclusion":"x y z"}"#),
+            ("not a string", r#"{"01_alpha":1,"02_beta_part":"a b c d e f","03_conclusion":"x y z"}"#),
+            ("too few words", r#"{"01_alpha":"a","02_beta_part":"b","03_conclusion":"c"}"#),
+            (
+                "raw control character",
+                "{\"01_alpha\":\"a\u{1}b c d e\",\"02_beta_part\":\"b c d\",\"03_conclusion\":\"c d e\"}",
+            ),
+        ];
+        for (why, text) in bad {
+            assert!(check_structured_draft(text, &outline(), &kind()).is_err(), "{why}");
+        }
+        let words = check_structured_draft(bad[5].1, &outline(), &kind()).unwrap_err().0;
+        assert!(words.contains("between 10 and 40 words"), "{words}");
     }
 
     #[test]

@@ -82,8 +82,10 @@ pub fn step_of(wire: Wire, body: &Value) -> String {
         Some("route") => "route".into(),
         Some("outline") => "plan".into(),
         Some("review") => "review".into(),
-        Some(other) => other.into(),
-        None => {
+        // Writer and reviser of a structured-draft kind: told apart like the
+        // markdown ones, by the input.
+        Some(other) if other != "draft" => other.into(),
+        _ => {
             let input = input_of(wire, body);
             if input.contains("Draft to revise") {
                 "revise".into()
