@@ -185,11 +185,15 @@ pub struct WorkflowConfig {
     /// Route topics with a model call when the submitter names no kind.
     /// When false, `default_kind` is used without a call.
     pub route: bool,
+    /// Code's share of the approval: a review counts as approved only when
+    /// the model says so *and* its score is at least this (0..=10; 0 trusts
+    /// the model's verdict alone). Small models approve drafts they score 1.
+    pub approval_min_score: u8,
 }
 
 impl Default for WorkflowConfig {
     fn default() -> Self {
-        Self { variants: 3, max_revisions: 1, default_kind: "article".into(), route: true }
+        Self { variants: 3, max_revisions: 1, default_kind: "article".into(), route: true, approval_min_score: 7 }
     }
 }
 
@@ -410,6 +414,9 @@ impl Config {
         if self.workflow.variants == 0 || self.workflow.variants > 16 {
             return Err(invalid("workflow.variants", "must be between 1 and 16"));
         }
+        if self.workflow.approval_min_score > 10 {
+            return Err(invalid("workflow.approval_min_score", "must be between 0 and 10"));
+        }
         if !self.kinds.contains_key(&self.workflow.default_kind) {
             return Err(invalid(
                 "workflow.default_kind",
@@ -611,6 +618,7 @@ mod tests {
             ("", &[("SCRIPTORIUM_LIMITS__REQUESTS_PER_MINUTE", "lots")], "limits.requests_per_minute"),
             ("", &[("SCRIPTORIUM_LIMITS__NOPE", "1")], "limits"),
             ("[workflow]\nvariants = 0\n", &[], "workflow.variants"),
+            ("[workflow]\napproval_min_score = 11\n", &[], "workflow.approval_min_score"),
             ("[workflow]\ndefault_kind = \"poem\"\n", &[], "workflow.default_kind"),
             ("[llm.simulated]\nerror_rate = 2.0\n", &[], "llm.simulated.error_rate"),
         ];

@@ -222,6 +222,28 @@ async fn best_review_is_chosen_and_a_failed_variant_is_tolerated() {
 }
 
 #[tokio::test]
+async fn an_approval_with_a_low_score_is_revised_by_code() {
+    let server = MockServer::start().await;
+    let fake = FakeModel::new(Wire::Chat);
+    // The model approves every variant but scores them 3, 2 and 1: code's
+    // threshold (7 by default) overrules it, so the best is revised, and
+    // the revision's approval with 9 counts.
+    fake.reviews(&[(true, 3), (true, 2), (true, 1), (true, 9)]);
+    fake.mount(&server).await;
+    let engine = start(test_config(&[]), Wire::Chat, &server).await;
+    let state = run_one(&engine, "Low scores").await;
+    assert_eq!(state.status, TopicStatus::Completed, "{:?}", state.error);
+    let chosen = &state.variants[state.chosen_variant.unwrap() as usize];
+    let review = chosen.review.as_ref().unwrap();
+    assert!(!review.approved && review.score == 3, "{review:?}");
+    assert!(review.issues.iter().any(|i| i.contains("below the approval threshold 7")), "{review:?}");
+    assert_eq!(state.revisions.len(), 1);
+    let revise = fake.seen().into_iter().find(|s| s.step == "revise").unwrap();
+    assert!(revise.body.to_string().contains("below the approval threshold 7"), "the reviser is told why");
+    assert!(state.final_draft.unwrap().review.approved);
+}
+
+#[tokio::test]
 async fn all_variants_failing_fails_the_topic() {
     let server = MockServer::start().await;
     let fake = FakeModel::new(Wire::Responses);

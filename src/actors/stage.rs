@@ -215,8 +215,8 @@ impl Stage for ReviewStage {
         let p = prompts::review(&s.config, s.kind(&job.kind), &job.topic.topic, &job.outline, &job.draft, a.feedback);
         request_for::<Self>(s, job, p, a, Some(s.formats.review.clone()))
     }
-    fn gate(_s: &Services, _job: &ReviewJob, text: &str) -> Result<Review, GateError> {
-        gates::check_review(text)
+    fn gate(s: &Services, _job: &ReviewJob, text: &str) -> Result<Review, GateError> {
+        gates::check_review(text, s.config.workflow.approval_min_score)
     }
 }
 

@@ -214,7 +214,11 @@ pub fn check_structured_draft(text: &str, outline: &Outline, kind: &KindConfig) 
     check_draft(&render_sections(&outline.title, &sections), outline, kind)
 }
 
-pub fn check_review(text: &str) -> Result<Review, GateError> {
+/// The review gate. `approval_min_score` is code's half of the verdict
+/// (`workflow.approval_min_score`): an approval with a lower score is
+/// recorded as not approved, with the reason added to `issues`, so the
+/// reviser is told why.
+pub fn check_review(text: &str, approval_min_score: u8) -> Result<Review, GateError> {
     let review: Review = parse_json(text, "review")?;
     if review.score > 10 {
         return fail(format!("`score` must be between 0 and 10 (got {})", review.score));
@@ -225,12 +229,15 @@ pub fn check_review(text: &str) -> Result<Review, GateError> {
         }
         Ok(items.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
     };
-    Ok(Review {
-        approved: review.approved,
-        score: review.score,
-        issues: clean(&review.issues, "issues")?,
-        suggestions: clean(&review.suggestions, "suggestions")?,
-    })
+    let mut issues = clean(&review.issues, "issues")?;
+    let approved = review.approved && review.score >= approval_min_score;
+    if review.approved && !approved {
+        issues.push(format!(
+            "the score {} is below the approval threshold {approval_min_score}: raise the quality",
+            review.score
+        ));
+    }
+    Ok(Review { approved, score: review.score, issues, suggestions: clean(&review.suggestions, "suggestions")? })
 }
 
 #[cfg(test)]
@@ -348,8 +355,15 @@ mod tests {
 
     #[test]
     fn review_gate() {
-        let r = check_review(r#"{"approved":false,"score":6,"issues":[" a ",""],"suggestions":["b"]}"#).unwrap();
+        let r = check_review(r#"{"approved":false,"score":6,"issues":[" a ",""],"suggestions":["b"]}"#, 7).unwrap();
         assert_eq!((r.score, r.issues.clone()), (6, vec!["a".to_string()]));
+        // Code's threshold: an approval with a low score does not count.
+        let low = r#"{"approved":true,"score":3,"issues":[],"suggestions":[]}"#;
+        let r = check_review(low, 7).unwrap();
+        assert!(!r.approved);
+        assert!(r.issues[0].contains("below the approval threshold 7"), "{:?}", r.issues);
+        assert!(check_review(low, 0).unwrap().approved);
+        assert!(check_review(low, 3).unwrap().approved);
         for bad in [
             r#"{"approved":true,"score":11,"issues":[],"suggestions":[]}"#,
             r#"{"approved":true,"score":-1,"issues":[],"suggestions":[]}"#,
@@ -358,7 +372,7 @@ mod tests {
             r#"{"approved":true,"score":5.5,"issues":[],"suggestions":[]}"#,
             "",
         ] {
-            assert!(check_review(bad).is_err(), "{bad:?}");
+            assert!(check_review(bad, 7).is_err(), "{bad:?}");
         }
     }
 }
