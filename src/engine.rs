@@ -22,7 +22,7 @@ use crate::actors::{Services, StageDirectory};
 use crate::config::Config;
 use crate::events::{EventBus, TopicEvent};
 use crate::llm::limiter::{GovernorLimiter, LimiterSnapshot, RateLimit};
-use crate::llm::retry::{RetryBudget, RetryPolicy, StepCaller};
+use crate::llm::retry::{CallerParts, RetryBudget, RetryPolicy, StepCaller};
 use crate::llm::{build_provider, LlmProvider};
 use crate::state::{now_ms, JournalRecord, Submission, TopicState, TopicStatus, TopicSummary};
 use crate::store::files::FileMirror;
@@ -141,13 +141,13 @@ impl Scriptorium {
         let limiter: Arc<dyn RateLimit> = Arc::new(GovernorLimiter::new(&config.limits, largest));
         metrics::gauge!("scriptorium_rate_limit_requests_per_minute").set(f64::from(config.limits.requests_per_minute));
         metrics::gauge!("scriptorium_rate_limit_tokens_per_minute").set(f64::from(config.limits.tokens_per_minute));
-        let caller = StepCaller {
+        let caller = StepCaller::new(CallerParts {
             provider: Arc::clone(&provider),
             limiter: Arc::clone(&limiter),
             policy: RetryPolicy::from_config(&config.retry),
             budget: Arc::new(RetryBudget::new(&config.retry)),
             request_timeout: std::time::Duration::from_secs_f64(config.llm.request_timeout_s),
-        };
+        });
         let events = EventBus::default();
         let services = Arc::new(Services::new(Arc::clone(&config), caller, events.clone()));
         let directory = Arc::new(StageDirectory::default());

@@ -19,7 +19,9 @@ use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
 use tracing::Instrument;
 
-use super::stage::{JobPosition, PlanJob, ReviewJob, ReviseJob, RouteJob, Stage, StageResult, TopicCtx, WriteJob};
+use super::stage::{
+    DraftPlan, JobPosition, PlanJob, ReviewJob, ReviseJob, RouteJob, Stage, StageResult, TopicCtx, WriteJob,
+};
 use super::{Services, Slot, StageDirectory};
 use crate::events::{EventBus, TopicEvent};
 use crate::llm::retry::StepFailure;
@@ -69,6 +71,30 @@ pub struct TopicRunner {
     pub live: Mutex<HashMap<String, Arc<LiveTopic>>>,
     awaiting: AtomicI64,
     step_timeout: Duration,
+    metrics: DriverMetrics,
+}
+
+/// Histogram handles recorded on every step, registered once (a recorder
+/// lookup per step was measurable). Install the recorder before the engine.
+struct DriverMetrics {
+    /// `scriptorium_step_duration_seconds`, indexed like `Step::ALL`.
+    step_duration: [metrics::Histogram; 5],
+    review_score: metrics::Histogram,
+}
+
+impl DriverMetrics {
+    fn register() -> DriverMetrics {
+        DriverMetrics {
+            step_duration: Step::ALL
+                .map(|step| metrics::histogram!("scriptorium_step_duration_seconds", "step" => step.as_str())),
+            review_score: metrics::histogram!("scriptorium_review_score"),
+        }
+    }
+
+    fn step_duration(&self, step: Step) -> &metrics::Histogram {
+        let index = Step::ALL.iter().position(|s| *s == step).unwrap_or(0);
+        &self.step_duration[index]
+    }
 }
 
 /// Why a driver stopped early (the topic stays resumable).
@@ -114,6 +140,7 @@ impl TopicRunner {
             live: Mutex::new(HashMap::new()),
             awaiting: AtomicI64::new(0),
             step_timeout,
+            metrics: DriverMetrics::register(),
         }
     }
 
@@ -247,8 +274,7 @@ impl TopicRunner {
         let t0 = Instant::now();
         let result = self.directory.ask(slot, job, self.step_timeout).await;
         let elapsed = t0.elapsed();
-        metrics::histogram!("scriptorium_step_duration_seconds", "step" => S::STEP.as_str())
-            .record(elapsed.as_secs_f64());
+        self.metrics.step_duration(S::STEP).record(elapsed.as_secs_f64());
         let attempts = match &result {
             Ok(s) => s.attempts,
             Err(f) => f.attempts,
@@ -303,9 +329,10 @@ impl TopicRunner {
     async fn drive_steps(self: &Arc<Self>, live: &Arc<LiveTopic>) -> Result<(), Halt> {
         let kind = self.ensure_route(live).await?;
         let outline = self.ensure_outline(live, &kind).await?;
-        self.ensure_variants(live, &kind, &outline).await?;
+        let plan = DraftPlan::new(&kind, self.services.kind(&kind), outline);
+        self.ensure_variants(live, &plan).await?;
         self.ensure_choice(live).await?;
-        self.revision_loop(live, &kind, &outline).await?;
+        self.revision_loop(live, &plan).await?;
         let (require_approval, approved_by_human) = {
             let st = live.lock();
             (st.require_approval || self.services.kind(&kind).require_approval, st.approved_by_human())
@@ -349,16 +376,16 @@ impl TopicRunner {
         Ok(kind)
     }
 
-    async fn ensure_outline(&self, live: &LiveTopic, kind: &str) -> Result<Arc<Outline>, Halt> {
+    async fn ensure_outline(&self, live: &LiveTopic, kind: &str) -> Result<Outline, Halt> {
         if let Some(o) = live.lock().outline.clone() {
-            return Ok(Arc::new(o));
+            return Ok(o);
         }
         let job = PlanJob { topic: Arc::clone(&live.ctx), kind: kind.to_string() };
         let (result, timing) = self.run_step(&self.directory.planner, job, JobPosition::default()).await;
         let cost = cost_of(&result);
         match result {
             Ok(s) => {
-                let outline = Arc::new(s.value.clone());
+                let outline = s.value.clone();
                 self.journal(live, JournalRecord::Planned { outline: s.value, cost, timing }).await?;
                 Ok(outline)
             }
@@ -369,12 +396,7 @@ impl TopicRunner {
     /// Fans out the variants that are not finished; each writes then
     /// reviews. A variant that fails is recorded and tolerated; a fatal
     /// error fails the topic.
-    async fn ensure_variants(
-        self: &Arc<Self>,
-        live: &Arc<LiveTopic>,
-        kind: &str,
-        outline: &Arc<Outline>,
-    ) -> Result<(), Halt> {
+    async fn ensure_variants(self: &Arc<Self>, live: &Arc<LiveTopic>, plan: &Arc<DraftPlan>) -> Result<(), Halt> {
         let pending: Vec<(u32, Option<Draft>)> = {
             let st = live.lock();
             (0..st.variants_requested)
@@ -387,9 +409,8 @@ impl TopicRunner {
         };
         let mut set = JoinSet::new();
         for (variant, draft) in pending {
-            let (runner, live, kind, outline) =
-                (Arc::clone(self), Arc::clone(live), kind.to_string(), Arc::clone(outline));
-            set.spawn(async move { runner.variant_flow(&live, &kind, &outline, variant, draft).await });
+            let (runner, live, plan) = (Arc::clone(self), Arc::clone(live), Arc::clone(plan));
+            set.spawn(async move { runner.variant_flow(&live, &plan, variant, draft).await });
         }
         while let Some(joined) = set.join_next().await {
             match joined {
@@ -407,8 +428,7 @@ impl TopicRunner {
     async fn variant_flow(
         &self,
         live: &LiveTopic,
-        kind: &str,
-        outline: &Arc<Outline>,
+        plan: &Arc<DraftPlan>,
         variant: u32,
         draft: Option<Draft>,
     ) -> Result<(), Halt> {
@@ -416,12 +436,7 @@ impl TopicRunner {
         let draft = match draft {
             Some(d) => Arc::new(d),
             None => {
-                let job = WriteJob {
-                    topic: Arc::clone(&live.ctx),
-                    kind: kind.to_string(),
-                    outline: Arc::clone(outline),
-                    variant,
-                };
+                let job = WriteJob { topic: Arc::clone(&live.ctx), plan: Arc::clone(plan), variant };
                 let (result, timing) = self.run_step(&self.directory.writer, job, pos).await;
                 let cost = cost_of(&result);
                 match result {
@@ -434,18 +449,12 @@ impl TopicRunner {
                 }
             }
         };
-        let job = ReviewJob {
-            topic: Arc::clone(&live.ctx),
-            kind: kind.to_string(),
-            outline: Arc::clone(outline),
-            draft,
-            position: pos,
-        };
+        let job = ReviewJob { topic: Arc::clone(&live.ctx), plan: Arc::clone(plan), draft, position: pos };
         let (result, timing) = self.run_step(&self.directory.reviewer, job, pos).await;
         let cost = cost_of(&result);
         match result {
             Ok(s) => {
-                metrics::histogram!("scriptorium_review_score").record(s.value.score as f64);
+                self.metrics.review_score.record(s.value.score as f64);
                 self.journal(live, JournalRecord::Reviewed { variant, review: s.value, cost, timing }).await?;
                 Ok(())
             }
@@ -507,7 +516,7 @@ impl TopicRunner {
         }
     }
 
-    async fn revision_loop(&self, live: &LiveTopic, kind: &str, outline: &Arc<Outline>) -> Result<(), Halt> {
+    async fn revision_loop(&self, live: &LiveTopic, plan: &Arc<DraftPlan>) -> Result<(), Halt> {
         let max_revisions = self.services.config.workflow.max_revisions;
         loop {
             let (draft, review, next_number, pending_note, automatic) = {
@@ -524,7 +533,7 @@ impl TopicRunner {
             let draft = Arc::new(draft);
             let Some(review) = review else {
                 // A revision journaled before a crash, not yet reviewed.
-                self.review_revision(live, kind, outline, draft, next_number - 1).await?;
+                self.review_revision(live, plan, draft, next_number - 1).await?;
                 continue;
             };
             let answered_human = live.lock().revisions.last().is_some_and(|r| r.human_note.is_some());
@@ -539,8 +548,7 @@ impl TopicRunner {
             let pos = JobPosition { variant: None, revision: Some(next_number) };
             let job = ReviseJob {
                 topic: Arc::clone(&live.ctx),
-                kind: kind.to_string(),
-                outline: Arc::clone(outline),
+                plan: Arc::clone(plan),
                 draft,
                 review: Arc::new(review),
                 human_note: human_note.clone(),
@@ -557,7 +565,7 @@ impl TopicRunner {
                         JournalRecord::Revised { number: next_number, draft: s.value, human_note, cost, timing },
                     )
                     .await?;
-                    self.review_revision(live, kind, outline, revised, next_number).await?;
+                    self.review_revision(live, plan, revised, next_number).await?;
                 }
                 Err(f) => return Err(self.fail(live, Step::Revise, &f, cost, timing).await?),
             }
@@ -567,24 +575,17 @@ impl TopicRunner {
     async fn review_revision(
         &self,
         live: &LiveTopic,
-        kind: &str,
-        outline: &Arc<Outline>,
+        plan: &Arc<DraftPlan>,
         draft: Arc<Draft>,
         number: u32,
     ) -> Result<(), Halt> {
         let pos = JobPosition { variant: None, revision: Some(number) };
-        let job = ReviewJob {
-            topic: Arc::clone(&live.ctx),
-            kind: kind.to_string(),
-            outline: Arc::clone(outline),
-            draft,
-            position: pos,
-        };
+        let job = ReviewJob { topic: Arc::clone(&live.ctx), plan: Arc::clone(plan), draft, position: pos };
         let (result, timing) = self.run_step(&self.directory.reviewer, job, pos).await;
         let cost = cost_of(&result);
         match result {
             Ok(s) => {
-                metrics::histogram!("scriptorium_review_score").record(s.value.score as f64);
+                self.metrics.review_score.record(s.value.score as f64);
                 self.journal(live, JournalRecord::RevisionReviewed { number, review: s.value, cost, timing }).await?;
                 Ok(())
             }

@@ -110,19 +110,42 @@ pub struct PlanJob {
     pub kind: String,
 }
 
+/// What every draft step of a topic derives from its kind and outline,
+/// built once when the outline is known: the rules text of the writer,
+/// reviewer and reviser prompts and, for a `structured_draft` kind, the
+/// draft schema. Shared by the topic's write, review and revise jobs (they
+/// used to rebuild it on every attempt).
+pub struct DraftPlan {
+    pub kind: String,
+    pub outline: Outline,
+    writer_rules: String,
+    review_rules: String,
+    format: Option<Arc<StructuredFormat>>,
+}
+
+impl DraftPlan {
+    pub fn new(kind_name: &str, kind: &KindConfig, outline: Outline) -> Arc<DraftPlan> {
+        Arc::new(DraftPlan {
+            kind: kind_name.to_string(),
+            writer_rules: prompts::writer_rules(kind, &outline),
+            review_rules: prompts::review_rules(kind, &outline),
+            format: kind.structured_draft.then(|| Arc::new(schema::draft_format(kind, &outline))),
+            outline,
+        })
+    }
+}
+
 #[derive(Clone)]
 pub struct WriteJob {
     pub topic: Arc<TopicCtx>,
-    pub kind: String,
-    pub outline: Arc<Outline>,
+    pub plan: Arc<DraftPlan>,
     pub variant: u32,
 }
 
 #[derive(Clone)]
 pub struct ReviewJob {
     pub topic: Arc<TopicCtx>,
-    pub kind: String,
-    pub outline: Arc<Outline>,
+    pub plan: Arc<DraftPlan>,
     pub draft: Arc<Draft>,
     pub position: JobPosition,
 }
@@ -130,8 +153,7 @@ pub struct ReviewJob {
 #[derive(Clone)]
 pub struct ReviseJob {
     pub topic: Arc<TopicCtx>,
-    pub kind: String,
-    pub outline: Arc<Outline>,
+    pub plan: Arc<DraftPlan>,
     pub draft: Arc<Draft>,
     pub review: Arc<Review>,
     pub human_note: Option<String>,
@@ -153,7 +175,7 @@ impl Stage for RouteStage {
         &job.topic
     }
     fn request(s: &Services, job: &RouteJob, a: Attempt<'_>) -> LlmRequest {
-        let p = prompts::route(&s.config, &job.topic.topic, a.feedback);
+        let p = prompts::route_with_instructions(&s.formats.router_instructions, &job.topic.topic, a.feedback);
         request_for::<Self>(s, job, p, a, Some(s.formats.route.clone()))
     }
     fn gate(s: &Services, _job: &RouteJob, text: &str) -> Result<String, GateError> {
@@ -191,12 +213,12 @@ impl Stage for WriteStage {
         JobPosition { variant: Some(job.variant), revision: None }
     }
     fn request(s: &Services, job: &WriteJob, a: Attempt<'_>) -> LlmRequest {
-        let kind = s.kind(&job.kind);
-        let p = prompts::write(&s.config, kind, &job.topic.topic, &job.outline, a.feedback);
-        request_for::<Self>(s, job, p, a, draft_format(kind, &job.outline))
+        let kind = s.kind(&job.plan.kind);
+        let p = prompts::write_with_rules(&s.config, kind, &job.topic.topic, &job.plan.writer_rules, a.feedback);
+        request_for::<Self>(s, job, p, a, job.plan.format.clone())
     }
     fn gate(s: &Services, job: &WriteJob, text: &str) -> Result<Draft, GateError> {
-        gate_draft(s.kind(&job.kind), &job.outline, text)
+        gate_draft(s.kind(&job.plan.kind), &job.plan.outline, text)
     }
 }
 
@@ -212,7 +234,15 @@ impl Stage for ReviewStage {
         job.position
     }
     fn request(s: &Services, job: &ReviewJob, a: Attempt<'_>) -> LlmRequest {
-        let p = prompts::review(&s.config, s.kind(&job.kind), &job.topic.topic, &job.outline, &job.draft, a.feedback);
+        let rules = &job.plan.review_rules;
+        let p = prompts::review_with_rules(
+            &s.config,
+            s.kind(&job.plan.kind),
+            &job.topic.topic,
+            rules,
+            &job.draft,
+            a.feedback,
+        );
         request_for::<Self>(s, job, p, a, Some(s.formats.review.clone()))
     }
     fn gate(s: &Services, _job: &ReviewJob, text: &str) -> Result<Review, GateError> {
@@ -234,25 +264,17 @@ impl Stage for ReviseStage {
     fn request(s: &Services, job: &ReviseJob, a: Attempt<'_>) -> LlmRequest {
         let input = prompts::RevisionInput {
             topic: &job.topic.topic,
-            outline: &job.outline,
+            writer_rules: &job.plan.writer_rules,
             draft: &job.draft,
             review: &job.review,
             human_note: job.human_note.as_deref(),
         };
-        let kind = s.kind(&job.kind);
-        let p = prompts::revise(&s.config, kind, &input, a.feedback);
-        request_for::<Self>(s, job, p, a, draft_format(kind, &job.outline))
+        let p = prompts::revise(&s.config, s.kind(&job.plan.kind), &input, a.feedback);
+        request_for::<Self>(s, job, p, a, job.plan.format.clone())
     }
     fn gate(s: &Services, job: &ReviseJob, text: &str) -> Result<Draft, GateError> {
-        gate_draft(s.kind(&job.kind), &job.outline, text)
+        gate_draft(s.kind(&job.plan.kind), &job.plan.outline, text)
     }
-}
-
-/// The writer's and reviser's format: markdown (`None`), or for a kind with
-/// `structured_draft` the per-outline schema (built per attempt: it is a
-/// handful of keys, small next to the call).
-fn draft_format(kind: &KindConfig, outline: &Outline) -> Option<Arc<StructuredFormat>> {
-    kind.structured_draft.then(|| Arc::new(schema::draft_format(kind, outline)))
 }
 
 fn gate_draft(kind: &KindConfig, outline: &Outline, text: &str) -> Result<Draft, GateError> {

@@ -168,6 +168,9 @@ fn row(results: &Path, scenario: &str, label: &str, text: &str, line: serde_json
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     println!("# scriptorium bench, {cores} cores; results appended to {}", args.results.display());
+    // The Prometheus recorder a daemon runs with, so its cost is counted
+    // (logs stay off: no subscriber, as with the default `warn` filter).
+    scriptorium::telemetry::install_metrics(None).map_err(|e| anyhow::anyhow!("metrics recorder: {e}"))?;
     match args.scenario.as_str() {
         "overhead" => {
             let sizes = if args.topics.is_empty() { vec![2000, 10_000] } else { args.topics.clone() };

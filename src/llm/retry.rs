@@ -137,6 +137,77 @@ pub struct Attempt<'a> {
 
 /// Everything a step needs to reach the model. Shared by all stage actors.
 pub struct StepCaller {
+    provider: Arc<dyn LlmProvider>,
+    limiter: Arc<dyn RateLimit>,
+    policy: RetryPolicy,
+    budget: Arc<RetryBudget>,
+    request_timeout: Duration,
+    metrics: CallMetrics,
+}
+
+/// The metric handles every successful call touches, registered once: the
+/// label sets are fixed per provider and model, and looking them up in the
+/// recorder (and building the model label) on every call was a measurable
+/// share of the per-step cost. Failures are rare and use the macros.
+struct CallMetrics {
+    ok: metrics::Counter,
+    duration: metrics::Histogram,
+    gen_ai_duration: metrics::Histogram,
+    input_tokens: metrics::Counter,
+    output_tokens: metrics::Counter,
+    gen_ai_input_tokens: metrics::Histogram,
+    gen_ai_output_tokens: metrics::Histogram,
+}
+
+impl CallMetrics {
+    fn register(provider: &'static str, model: &str) -> CallMetrics {
+        let model = model.to_string();
+        CallMetrics {
+            ok: metrics::counter!("scriptorium_llm_requests_total", "provider" => provider, "status" => "200"),
+            duration: metrics::histogram!("scriptorium_llm_request_duration_seconds", "provider" => provider),
+            gen_ai_duration: metrics::histogram!(
+                "gen_ai_client_operation_duration_seconds",
+                "gen_ai_request_model" => model.clone(),
+                "gen_ai_operation_name" => "chat"
+            ),
+            input_tokens: metrics::counter!("scriptorium_llm_tokens_total", "direction" => "input"),
+            output_tokens: metrics::counter!("scriptorium_llm_tokens_total", "direction" => "output"),
+            gen_ai_input_tokens: metrics::histogram!(
+                "gen_ai_client_token_usage",
+                "gen_ai_token_type" => "input",
+                "gen_ai_request_model" => model.clone()
+            ),
+            gen_ai_output_tokens: metrics::histogram!(
+                "gen_ai_client_token_usage",
+                "gen_ai_token_type" => "output",
+                "gen_ai_request_model" => model
+            ),
+        }
+    }
+
+    fn record(&self, provider: &'static str, result: &Result<super::LlmReply, LlmError>, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        self.duration.record(seconds);
+        self.gen_ai_duration.record(seconds);
+        match result {
+            Ok(reply) => {
+                self.ok.increment(1);
+                self.input_tokens.increment(reply.usage.input_tokens);
+                self.output_tokens.increment(reply.usage.output_tokens);
+                self.gen_ai_input_tokens.record(reply.usage.input_tokens as f64);
+                self.gen_ai_output_tokens.record(reply.usage.output_tokens as f64);
+            }
+            Err(e) => {
+                let status = e.http_status().map_or("error", status_label);
+                metrics::counter!("scriptorium_llm_requests_total", "provider" => provider, "status" => status)
+                    .increment(1);
+            }
+        }
+    }
+}
+
+/// What a `StepCaller` is built from.
+pub struct CallerParts {
     pub provider: Arc<dyn LlmProvider>,
     pub limiter: Arc<dyn RateLimit>,
     pub policy: RetryPolicy,
@@ -145,6 +216,23 @@ pub struct StepCaller {
 }
 
 impl StepCaller {
+    /// Registers the call metrics: install the metrics recorder first.
+    pub fn new(parts: CallerParts) -> StepCaller {
+        let metrics = CallMetrics::register(parts.provider.name(), parts.provider.model());
+        StepCaller {
+            provider: parts.provider,
+            limiter: parts.limiter,
+            policy: parts.policy,
+            budget: parts.budget,
+            request_timeout: parts.request_timeout,
+            metrics,
+        }
+    }
+
+    pub fn limiter(&self) -> &Arc<dyn RateLimit> {
+        &self.limiter
+    }
+
     /// Runs attempts until the gate accepts an output, a fatal error, or the
     /// attempts run out.
     pub async fn call<T>(
@@ -176,7 +264,7 @@ impl StepCaller {
                 Err(_) => Err(LlmError::Timeout(self.request_timeout)),
             };
             let elapsed = started.elapsed();
-            record_call_metrics(provider, self.provider.model(), &result, elapsed);
+            self.metrics.record(provider, &result, elapsed);
             let outcome = result.and_then(|reply| {
                 usage.input_tokens += reply.usage.input_tokens;
                 usage.output_tokens += reply.usage.output_tokens;
@@ -209,42 +297,6 @@ impl StepCaller {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-        }
-    }
-}
-
-fn record_call_metrics(
-    provider: &'static str,
-    model: &str,
-    result: &Result<super::LlmReply, LlmError>,
-    elapsed: Duration,
-) {
-    let status: &'static str = match result {
-        Ok(_) => "200",
-        Err(e) => match e.http_status() {
-            Some(s) => status_label(s),
-            None => "error",
-        },
-    };
-    metrics::counter!("scriptorium_llm_requests_total", "provider" => provider, "status" => status).increment(1);
-    metrics::histogram!("scriptorium_llm_request_duration_seconds", "provider" => provider)
-        .record(elapsed.as_secs_f64());
-    metrics::histogram!(
-        "gen_ai_client_operation_duration_seconds",
-        "gen_ai_request_model" => model.to_string(),
-        "gen_ai_operation_name" => "chat"
-    )
-    .record(elapsed.as_secs_f64());
-    if let Ok(reply) = result {
-        metrics::counter!("scriptorium_llm_tokens_total", "direction" => "input").increment(reply.usage.input_tokens);
-        metrics::counter!("scriptorium_llm_tokens_total", "direction" => "output").increment(reply.usage.output_tokens);
-        for (kind, n) in [("input", reply.usage.input_tokens), ("output", reply.usage.output_tokens)] {
-            metrics::histogram!(
-                "gen_ai_client_token_usage",
-                "gen_ai_token_type" => kind,
-                "gen_ai_request_model" => model.to_string()
-            )
-            .record(n as f64);
         }
     }
 }

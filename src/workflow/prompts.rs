@@ -9,6 +9,8 @@
 //! `DraftContract::parse` reads back; the simulated provider and the fake
 //! OpenAI server use it to produce drafts that pass the gate.
 
+use std::borrow::Cow;
+
 use super::{schema, Draft, Outline, Review};
 use crate::config::{Config, KindConfig};
 
@@ -75,11 +77,11 @@ pub fn render_kind(config: &Config, kind: &KindConfig) -> RenderedPrompts {
 
 /// The cached text, or a fresh render for a kind built outside
 /// `Config::load` (tests).
-fn cached(cached: &str, render: impl FnOnce() -> String) -> String {
+fn cached(cached: &str, render: impl FnOnce() -> String) -> Cow<'_, str> {
     if cached.is_empty() {
-        render()
+        Cow::Owned(render())
     } else {
-        cached.to_string()
+        Cow::Borrowed(cached)
     }
 }
 
@@ -93,18 +95,24 @@ fn with_feedback(mut input: String, feedback: Option<&str>) -> String {
 }
 
 pub fn route(config: &Config, topic: &str, feedback: Option<&str>) -> Prompt {
+    route_with_instructions(&router_instructions(config), topic, feedback)
+}
+
+/// The router's instructions: they depend on the config only (built once
+/// per engine, see `actors::Formats`).
+pub fn router_instructions(config: &Config) -> String {
     let kinds =
         config.kinds.iter().map(|(name, k)| format!("- {name}: {}", k.description)).collect::<Vec<_>>().join("\n");
-    Prompt {
-        instructions: fill(&config.prompts.router, &[("kinds", &kinds)])
-            + "\nAnswer with a JSON object {\"kind\": <one of the kinds>}.",
-        input: with_feedback(topic_line(topic), feedback),
-    }
+    fill(&config.prompts.router, &[("kinds", &kinds)]) + "\nAnswer with a JSON object {\"kind\": <one of the kinds>}."
+}
+
+pub fn route_with_instructions(instructions: &str, topic: &str, feedback: Option<&str>) -> Prompt {
+    Prompt { instructions: instructions.to_string(), input: with_feedback(topic_line(topic), feedback) }
 }
 
 pub fn plan(config: &Config, kind: &KindConfig, topic: &str, feedback: Option<&str>) -> Prompt {
     Prompt {
-        instructions: cached(&kind.rendered.planner, || planner_text(config, kind)),
+        instructions: cached(&kind.rendered.planner, || planner_text(config, kind)).into_owned(),
         input: with_feedback(topic_line(topic), feedback),
     }
 }
@@ -152,12 +160,32 @@ pub fn writer_rules(kind: &KindConfig, outline: &Outline) -> String {
 }
 
 pub fn write(config: &Config, kind: &KindConfig, topic: &str, outline: &Outline, feedback: Option<&str>) -> Prompt {
+    write_with_rules(config, kind, topic, &writer_rules(kind, outline), feedback)
+}
+
+/// `write` with the rules already rendered (`writer_rules`, once per topic).
+pub fn write_with_rules(
+    config: &Config,
+    kind: &KindConfig,
+    topic: &str,
+    writer_rules: &str,
+    feedback: Option<&str>,
+) -> Prompt {
     Prompt {
-        instructions: cached(&kind.rendered.writer, || fill(&config.prompts.writer, &[("persona", &kind.persona)]))
-            + "\n"
-            + &writer_rules(kind, outline),
+        instructions: joined(&[
+            &cached(&kind.rendered.writer, || fill(&config.prompts.writer, &[("persona", &kind.persona)])),
+            "\n",
+            writer_rules,
+        ]),
         input: with_feedback(topic_line(topic), feedback),
     }
+}
+
+/// One allocation for a few pieces.
+fn joined(parts: &[&str]) -> String {
+    let mut out = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    parts.iter().for_each(|p| out.push_str(p));
+    out
 }
 
 pub fn review(
@@ -168,11 +196,30 @@ pub fn review(
     draft: &Draft,
     feedback: Option<&str>,
 ) -> Prompt {
-    let instructions = cached(&kind.rendered.reviewer, || fill(&config.prompts.reviewer, &[("rubric", &kind.rubric)]))
-        + "\nThe draft was written under these rules:\n"
-        + &draft_rules(kind, outline).replace("Rules:\n", "")
-        + "\nAnswer with a JSON object {\"approved\": bool, \"score\": 0-10, \"issues\": [string], \"suggestions\": [string]}.";
-    let input = format!("{}\n\nDraft to review:\n<<<DRAFT\n{}\nDRAFT>>>", topic_line(topic), draft.markdown);
+    review_with_rules(config, kind, topic, &review_rules(kind, outline), draft, feedback)
+}
+
+/// The rules a reviewer is shown: the writer's, without their header.
+pub fn review_rules(kind: &KindConfig, outline: &Outline) -> String {
+    draft_rules(kind, outline).replace("Rules:\n", "")
+}
+
+/// `review` with the rules already rendered (`review_rules`, once per topic).
+pub fn review_with_rules(
+    config: &Config,
+    kind: &KindConfig,
+    topic: &str,
+    review_rules: &str,
+    draft: &Draft,
+    feedback: Option<&str>,
+) -> Prompt {
+    let instructions = joined(&[
+        &cached(&kind.rendered.reviewer, || fill(&config.prompts.reviewer, &[("rubric", &kind.rubric)])),
+        "\nThe draft was written under these rules:\n",
+        review_rules,
+        "\nAnswer with a JSON object {\"approved\": bool, \"score\": 0-10, \"issues\": [string], \"suggestions\": [string]}.",
+    ]);
+    let input = joined(&[&topic_line(topic), "\n\nDraft to review:\n<<<DRAFT\n", &draft.markdown, "\nDRAFT>>>"]);
     Prompt { instructions, input: with_feedback(input, feedback) }
 }
 
@@ -180,14 +227,15 @@ pub fn review(
 /// instruction.
 pub struct RevisionInput<'a> {
     pub topic: &'a str,
-    pub outline: &'a Outline,
+    /// `writer_rules` for the topic's kind and outline.
+    pub writer_rules: &'a str,
     pub draft: &'a Draft,
     pub review: &'a Review,
     pub human_note: Option<&'a str>,
 }
 
 pub fn revise(config: &Config, kind: &KindConfig, r: &RevisionInput<'_>, feedback: Option<&str>) -> Prompt {
-    let mut input = String::new();
+    let mut input = String::with_capacity(r.draft.markdown.len() + 512);
     if let Some(note) = r.human_note {
         input.push_str("Most important: a human editor rejected the draft with this note (a JSON string): ");
         input.push_str(&serde_json::Value::String(note.to_string()).to_string());
@@ -210,9 +258,11 @@ pub fn revise(config: &Config, kind: &KindConfig, r: &RevisionInput<'_>, feedbac
     input.push_str(&r.draft.markdown);
     input.push_str("\nDRAFT>>>");
     Prompt {
-        instructions: cached(&kind.rendered.reviser, || fill(&config.prompts.reviser, &[("persona", &kind.persona)]))
-            + "\n"
-            + &writer_rules(kind, r.outline),
+        instructions: joined(&[
+            &cached(&kind.rendered.reviser, || fill(&config.prompts.reviser, &[("persona", &kind.persona)])),
+            "\n",
+            r.writer_rules,
+        ]),
         input: with_feedback(input, feedback),
     }
 }
