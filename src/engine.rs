@@ -386,7 +386,9 @@ impl Scriptorium {
             Some(t) => tokio::time::timeout(t, settled).await.map_err(|_| EngineError::Timeout(id.to_string()))?,
             None => settled.await,
         }
-        self.get(id).await
+        // The live topic we hold is the journal replayed, final once settled:
+        // no need to read it back from the store.
+        Ok(live.snapshot())
     }
 
     pub async fn approve(&self, id: &str, note: Option<String>) -> Result<(), EngineError> {

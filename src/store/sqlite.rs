@@ -456,10 +456,13 @@ impl Writer {
                         reply
                     }
                 },
-                Op::Append { row, reply } => match savepoint(&tx, |c| append_record(c, next_seq, &row)) {
+                // No savepoint (two statements fewer per step): an append
+                // either fails before writing anything (unknown topic) or
+                // fails the whole batch.
+                Op::Append { row, reply } => match append_record(&tx, next_seq, &row) {
                     Ok(result) => Reply::Append(reply, result),
                     Err(e) => {
-                        let why = format!("transaction broken: {e}");
+                        let why = format!("append failed after a partial write: {e}");
                         let reply = Reply::Append(reply, Err(uncommitted(&why)));
                         fatal = Some(why);
                         reply
@@ -557,28 +560,30 @@ fn insert_topic(conn: &Connection, row: &TopicRow) -> Result<Inserted, StoreErro
     Ok(Inserted::New)
 }
 
-fn append_record(conn: &Connection, next_seq: &mut HashMap<String, i64>, row: &JournalRow) -> Result<(), StoreError> {
-    let at = |e: rusqlite::Error| StoreError::Database(format!("appending to topic {}: {e}", row.topic_id));
+/// Outer `Err`: a statement failed after the op may have written something,
+/// so the batch must roll back. Inner `Err`: the op was refused before it
+/// wrote anything (unknown topic); the rest of the batch stands.
+fn append_record(
+    conn: &Connection,
+    next_seq: &mut HashMap<String, i64>,
+    row: &JournalRow,
+) -> rusqlite::Result<Result<(), StoreError>> {
+    // A failed UPDATE statement is undone by SQLite as a whole; zero rows
+    // means nothing was written.
     let updated = conn
-        .prepare_cached("UPDATE topics SET status = ?2, summary_json = ?3, updated_ms = ?4 WHERE id = ?1")
-        .map_err(at)?
-        .execute(params![row.topic_id, row.status, row.summary_json, row.at_ms])
-        .map_err(at)?;
+        .prepare_cached("UPDATE topics SET status = ?2, summary_json = ?3, updated_ms = ?4 WHERE id = ?1")?
+        .execute(params![row.topic_id, row.status, row.summary_json, row.at_ms])?;
     if updated == 0 {
-        return Err(StoreError::Database(format!("cannot append to unknown topic {}", row.topic_id)));
+        return Ok(Err(StoreError::Database(format!("cannot append to unknown topic {}", row.topic_id))));
     }
     let seq = match next_seq.get(&row.topic_id) {
         Some(&seq) => seq,
         None => conn
-            .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM journal WHERE topic_id = ?1")
-            .map_err(at)?
-            .query_row([&row.topic_id], |r| r.get(0))
-            .map_err(at)?,
+            .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM journal WHERE topic_id = ?1")?
+            .query_row([&row.topic_id], |r| r.get(0))?,
     };
-    conn.prepare_cached("INSERT INTO journal (topic_id, seq, kind, at_ms, record_json) VALUES (?1, ?2, ?3, ?4, ?5)")
-        .map_err(at)?
-        .execute(params![row.topic_id, seq, row.kind, row.at_ms, row.record_json])
-        .map_err(at)?;
+    conn.prepare_cached("INSERT INTO journal (topic_id, seq, kind, at_ms, record_json) VALUES (?1, ?2, ?3, ?4, ?5)")?
+        .execute(params![row.topic_id, seq, row.kind, row.at_ms, row.record_json])?;
     // Advanced only once the op's SQL succeeded; if RELEASE or COMMIT then
     // fails, the whole cache is cleared.
     if row.terminal {
@@ -588,7 +593,7 @@ fn append_record(conn: &Connection, next_seq: &mut HashMap<String, i64>, row: &J
     } else {
         next_seq.insert(row.topic_id.clone(), seq + 1);
     }
-    Ok(())
+    Ok(Ok(()))
 }
 
 // ---------------------------------------------------------------------------
