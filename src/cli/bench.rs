@@ -34,6 +34,11 @@ pub struct BenchArgs {
     /// CPU per step (a shared machine's noise moves single runs by ±30 %).
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// Internal: run one scale measurement in this (fresh) process and
+    /// print its numbers as JSON; the parent runs one child per run, so no
+    /// run inherits the heap an earlier one grew.
+    #[arg(long, hide = true)]
+    pub child: bool,
     /// JSON lines are appended here.
     #[arg(long, default_value = "bench-results.jsonl")]
     pub results: PathBuf,
@@ -63,6 +68,21 @@ fn rss_kib() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
         })
         .unwrap_or(0)
+}
+
+/// One scale run in a fresh child process (see `BenchArgs::child`).
+async fn scale_child(topics: usize) -> anyhow::Result<RunStats> {
+    let exe = std::env::current_exe()?;
+    let out = tokio::process::Command::new(exe)
+        .args(["bench", "--scenario", "scale", "--child", "--topics", &topics.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await?;
+    anyhow::ensure!(out.status.success(), "scale child for {topics} topics failed: {}", out.status);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().rev().find(|l| l.starts_with('{')).unwrap_or_default();
+    let value: serde_json::Value = serde_json::from_str(line)?;
+    RunStats::from_json(&value).ok_or_else(|| anyhow::anyhow!("scale child printed no stats: {text}"))
 }
 
 /// Runs `run` `times` times (at least once) and keeps the run with the
@@ -100,18 +120,55 @@ struct RunStats {
     wall: Duration,
     cpu: Duration,
     peak_rss_delta_kib: u64,
+    /// Process CPU seconds per wall second with the engine started and
+    /// idle (timers, metrics upkeep, the RSS sampler), measured before the
+    /// run; 0 when not measured.
+    idle_cpu_rate: f64,
 }
 
 impl RunStats {
+    /// CPU seconds per step, less what the idle process would have used
+    /// over the run's wall time (matters when steps are sparse: 100 topics
+    /// at 2 s per call).
     fn cpu_per_step(&self) -> f64 {
-        self.cpu.as_secs_f64() / self.steps.max(1) as f64
+        let idle = self.idle_cpu_rate * self.wall.as_secs_f64();
+        (self.cpu.as_secs_f64() - idle).max(0.0) / self.steps.max(1) as f64
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "topics": self.topics, "steps": self.steps, "wall_s": self.wall.as_secs_f64(),
+            "cpu_s": self.cpu.as_secs_f64(), "peak_rss_delta_kib": self.peak_rss_delta_kib,
+            "idle_cpu_rate": self.idle_cpu_rate,
+        })
+    }
+
+    fn from_json(v: &serde_json::Value) -> Option<RunStats> {
+        Some(RunStats {
+            topics: v["topics"].as_u64()? as usize,
+            steps: v["steps"].as_u64()?,
+            wall: Duration::from_secs_f64(v["wall_s"].as_f64()?),
+            cpu: Duration::from_secs_f64(v["cpu_s"].as_f64()?),
+            peak_rss_delta_kib: v["peak_rss_delta_kib"].as_u64()?,
+            idle_cpu_rate: v["idle_cpu_rate"].as_f64()?,
+        })
     }
 }
+
+/// What `run_topics` measures besides the run itself.
+#[derive(Clone, Copy)]
+struct Measure {
+    /// Measure the idle CPU rate for this long before the run.
+    idle_baseline: Duration,
+}
+
+const NO_BASELINE: Measure = Measure { idle_baseline: Duration::ZERO };
 
 async fn run_topics(
     config: anyhow::Result<Config>,
     store: Option<Arc<dyn TopicStore>>,
     topics: usize,
+    measure: Measure,
 ) -> anyhow::Result<RunStats> {
     let config = config?;
     let engine = Scriptorium::start(config, EngineOptions { store, ..EngineOptions::default() }).await?;
@@ -125,6 +182,13 @@ async fn run_topics(
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
+    };
+    let idle_cpu_rate = if measure.idle_baseline.is_zero() {
+        0.0
+    } else {
+        let (c, t) = (cpu_time(), Instant::now());
+        tokio::time::sleep(measure.idle_baseline).await;
+        (cpu_time() - c).as_secs_f64() / t.elapsed().as_secs_f64()
     };
     let cpu0 = cpu_time();
     let t0 = Instant::now();
@@ -151,7 +215,7 @@ async fn run_topics(
     sampler.abort();
     engine.shutdown(Duration::from_secs(1)).await;
     let peak_rss_delta_kib = peak.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(rss_before);
-    Ok(RunStats { topics, steps, wall, cpu, peak_rss_delta_kib })
+    Ok(RunStats { topics, steps, wall, cpu, peak_rss_delta_kib, idle_cpu_rate })
 }
 
 fn report(
@@ -162,7 +226,7 @@ fn report(
     extra: serde_json::Value,
 ) -> anyhow::Result<()> {
     let steps_per_s = s.steps as f64 / s.wall.as_secs_f64();
-    let cpu_us = s.cpu.as_secs_f64() * 1e6 / s.steps.max(1) as f64;
+    let cpu_us = s.cpu_per_step() * 1e6;
     println!(
         "{scenario:<10} {label:<22} topics={:<6} steps={:<7} wall={:>7.2}s steps/s={:>9.0} cpu/step={:>6.1}µs peak_rss_delta={}KiB",
         s.topics,
@@ -175,7 +239,7 @@ fn report(
     let mut line = json!({
         "scenario": scenario, "label": label, "topics": s.topics, "steps": s.steps,
         "wall_s": s.wall.as_secs_f64(), "steps_per_s": steps_per_s, "cpu_us_per_step": cpu_us,
-        "peak_rss_delta_kib": s.peak_rss_delta_kib, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "peak_rss_delta_kib": s.peak_rss_delta_kib, "idle_cpu_rate": s.idle_cpu_rate, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     });
     if let (Some(obj), Some(more)) = (line.as_object_mut(), extra.as_object()) {
         obj.extend(more.clone());
@@ -212,7 +276,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             let sizes = if args.topics.is_empty() { vec![2000, 10_000] } else { args.topics.clone() };
             for n in sizes {
                 if args.store != "sqlite" {
-                    let s = median_of(args.repeat, || run_topics(bench_config(0, 100_000), None, n)).await?;
+                    let s =
+                        median_of(args.repeat, || run_topics(bench_config(0, 100_000), None, n, NO_BASELINE)).await?;
                     let targets = json!({"target_steps_per_s": 100000, "target_cpu_us": 15});
                     report(&args.results, "overhead", "no store", &s, targets)?;
                 }
@@ -223,7 +288,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     // A fresh database file per run.
                     let dir = tempfile_dir()?;
                     let store: Arc<dyn TopicStore> = Arc::new(SqliteStore::open(&dir.join("bench.db"))?);
-                    let s = run_topics(bench_config(0, 100_000), Some(store), n).await;
+                    let s = run_topics(bench_config(0, 100_000), Some(store), n, NO_BASELINE).await;
                     let _ = std::fs::remove_dir_all(&dir);
                     s
                 })
@@ -233,8 +298,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
         "scale" => {
             let sizes = if args.topics.is_empty() { vec![100, 1000, 10_000] } else { args.topics.clone() };
+            if args.child {
+                let n = sizes.first().copied().unwrap_or(100);
+                let measure = Measure { idle_baseline: Duration::from_secs(2) };
+                let s = run_topics(bench_config(2000, n), None, n, measure).await?;
+                println!("{}", s.to_json());
+                return Ok(ExitCode::SUCCESS);
+            }
             for n in sizes {
-                let s = median_of(args.repeat, || run_topics(bench_config(2000, n), None, n)).await?;
+                let s = median_of(args.repeat, || scale_child(n)).await?;
                 let per_topic = s.peak_rss_delta_kib as f64 / n as f64;
                 report(
                     &args.results,

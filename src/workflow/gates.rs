@@ -100,15 +100,24 @@ pub fn check_outline(text: &str, kind: &KindConfig) -> Result<Outline, GateError
 /// Words as the rule states them: whitespace-separated, heading markers
 /// (`#`, `##`, …) not counted.
 pub fn count_words(markdown: &str) -> u32 {
+    draft_shape(markdown).0
+}
+
+/// The word count (`count_words`) and the `## ` headings
+/// (`level2_headings`) of a draft, in one pass over an ASCII text: the
+/// draft gate needs both, on every draft.
+fn draft_shape(markdown: &str) -> (u32, Vec<&str>) {
     if !markdown.is_ascii() {
-        return markdown.split_whitespace().filter(|w| !w.chars().all(|c| c == '#')).count() as u32;
+        let words = markdown.split_whitespace().filter(|w| !w.chars().all(|c| c == '#')).count() as u32;
+        return (words, level2_headings(markdown).collect());
     }
-    // ASCII fast path: this runs on every draft and was a quarter of the
-    // orchestration's instructions as a byte loop. Heading markers are
-    // words of only `#`; there are few `#` bytes, so find them directly and
-    // subtract those tokens.
+    // Heading markers are words of only `#`, and headings start with one;
+    // there are few `#` bytes, so find them directly: subtract the marker
+    // tokens from the word starts, and read a heading where a `## ` opens
+    // a line.
     let bytes = markdown.as_bytes();
     let mut hash_words = 0;
+    let mut headings = Vec::new();
     let mut i = 0;
     while let Some(offset) = bytes[i..].iter().position(|&b| b == b'#') {
         let at = i + offset;
@@ -120,9 +129,20 @@ pub fn count_words(markdown: &str) -> u32 {
         if token_start && (end == bytes.len() || is_ascii_space(bytes[end])) {
             hash_words += 1;
         }
+        if end - at == 2 && bytes.get(end) == Some(&b' ') && opens_line(bytes, at) {
+            let rest = &markdown[end + 1..];
+            let line = rest.split('\n').next().unwrap_or_default();
+            headings.push(line.trim());
+        }
         i = end;
     }
-    ascii_word_starts(bytes) - hash_words
+    (ascii_word_starts(bytes) - hash_words, headings)
+}
+
+/// Whether only whitespace (not a line break) precedes `at` on its line:
+/// what `str::lines` + `trim_start` leave at the start of a line.
+fn opens_line(bytes: &[u8], at: usize) -> bool {
+    bytes[..at].iter().rev().take_while(|&&b| b != b'\n').all(|&b| is_ascii_space(b))
 }
 
 /// `char::is_whitespace` on ASCII.
@@ -177,14 +197,13 @@ pub fn check_draft(text: &str, outline: &Outline, kind: &KindConfig) -> Result<D
     if markdown.is_empty() {
         return fail("empty draft");
     }
-    let words = count_words(markdown);
+    let (words, headings) = draft_shape(markdown);
     if words < kind.min_words || words > kind.max_words {
         return fail(format!(
             "the draft has {words} words; it must have between {} and {} words",
             kind.min_words, kind.max_words
         ));
     }
-    let headings: Vec<&str> = level2_headings(markdown).collect();
     let missing: Vec<&str> = outline
         .sections
         .iter()
@@ -293,9 +312,17 @@ mod tests {
     #[test]
     fn word_count_fast_path_matches_the_rule() {
         let slow = |text: &str| text.split_whitespace().filter(|w| !w.chars().all(|c| c == '#')).count() as u32;
-        for text in ["", "# T\n\n## A\none two", "a\tb\x0bc\u{0c}d", "### ## x #y# ##", "  lead  trail  ", "é ## mot"]
-        {
+        for text in [
+            "",
+            "# T\n\n## A\none two",
+            "a\tb\x0bc\u{0c}d",
+            "### ## x #y# ##",
+            "  lead  trail  ",
+            "é ## mot",
+            "## A\r\n ## B \n x ## C\n##D\n###E\n\t## F\n## ",
+        ] {
             assert_eq!(count_words(text), slow(text), "{text:?}");
+            assert_eq!(draft_shape(text).1, level2_headings(text).collect::<Vec<_>>(), "{text:?}");
         }
         // Every ASCII byte, at every offset across the 8-byte steps.
         let alphabet: Vec<u8> = (0u8..0x80).collect();
@@ -306,16 +333,22 @@ mod tests {
                     state ^= state << 13;
                     state ^= state >> 7;
                     state ^= state << 17;
-                    // Mostly spaces and letters, so words of every length occur.
-                    match state % 4 {
-                        0 => ' ',
-                        1 => alphabet[(state >> 8) as usize % alphabet.len()] as char,
-                        2 => ['\t', '\n', '#', '\r', '\x0b', '\x0c'][(state >> 8) as usize % 6],
-                        _ => 'w',
+                    // Mostly spaces and letters, so words of every length
+                    // occur, and heading-like line starts.
+                    match state % 5 {
+                        0 => " ",
+                        1 => {
+                            std::str::from_utf8(&alphabet[(state >> 8) as usize % alphabet.len()..][..1]).unwrap_or("?")
+                        }
+                        2 => ["\t", "\n", "#", "\r", "\x0b", "\x0c"][(state >> 8) as usize % 6],
+                        3 => ["\n## ", "\n ## ", "## ", "\n###", "\r\n"][(state >> 8) as usize % 5],
+                        _ => "w",
                     }
                 })
                 .collect();
             assert_eq!(count_words(&text), slow(&text), "{text:?}");
+            let (_, headings) = draft_shape(&text);
+            assert_eq!(headings, level2_headings(&text).collect::<Vec<_>>(), "{text:?}");
         }
     }
 
