@@ -67,7 +67,7 @@ fn settings(base_url: &str) -> HttpSettings {
 fn structured_request() -> LlmRequest {
     LlmRequest {
         step: Step::Plan,
-        instructions: "You are a careful editor.".to_string(),
+        instructions: "You are a careful editor.".into(),
         input: "Review this draft: # Title\n\nBody.".to_string(),
         max_output_tokens: 800,
         format: Some(Arc::new(review_format())),

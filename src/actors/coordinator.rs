@@ -25,6 +25,7 @@ use super::stage::{
 use super::{Services, Slot, StageDirectory};
 use crate::events::{EventBus, TopicEvent};
 use crate::llm::retry::StepFailure;
+use crate::llm::BoxFuture;
 use crate::llm::FailureReason;
 use crate::state::{now_ms, JournalRecord, StepCost, StepError, StepTiming, TopicState, TopicStatus};
 use crate::store::files::FileMirror;
@@ -169,11 +170,20 @@ impl TopicRunner {
 
     /// Applies a record, makes it durable, mirrors it, tells listeners.
     /// Returns the status after the record.
-    pub async fn journal(&self, live: &LiveTopic, record: JournalRecord) -> Result<TopicStatus, StoreError> {
-        // A cancelled topic takes no further records (a step that was
-        // mid-flight when cancel arrived finishes into the void).
-        let accepted = self.journal_if(live, record, |st| st.status != TopicStatus::Cancelled).await?;
-        Ok(accepted.unwrap_or(TopicStatus::Cancelled))
+    /// Boxed, like `run_step`: the future holds a record and, with the file
+    /// mirror on, a state copy across the store's commit; inline it would
+    /// size every task that journals.
+    pub fn journal<'a>(
+        &'a self,
+        live: &'a LiveTopic,
+        record: JournalRecord,
+    ) -> BoxFuture<'a, Result<TopicStatus, StoreError>> {
+        Box::pin(async move {
+            // A cancelled topic takes no further records (a step that was
+            // mid-flight when cancel arrived finishes into the void).
+            let accepted = self.journal_if(live, record, |st| st.status != TopicStatus::Cancelled).await?;
+            Ok(accepted.unwrap_or(TopicStatus::Cancelled))
+        })
     }
 
     /// Journals `record` only if `precondition` holds, checked under the
@@ -263,8 +273,21 @@ impl TopicRunner {
         });
     }
 
-    /// Runs one stage call with timing and metrics.
-    async fn run_step<S: Stage>(
+    /// Runs one stage call with timing and metrics. Boxed: a step's future
+    /// (actor call, reply port, timeout) then lives on the heap only while
+    /// the step runs, instead of inflating every driver and variant task
+    /// that awaits one (those tasks were ~40 % of the memory of an
+    /// in-flight topic).
+    fn run_step<'a, S: Stage>(
+        &'a self,
+        slot: &'a Slot<S>,
+        job: S::Job,
+        pos: JobPosition,
+    ) -> BoxFuture<'a, (StageResult<S::Output>, StepTiming)> {
+        Box::pin(self.run_step_unboxed(slot, job, pos))
+    }
+
+    async fn run_step_unboxed<S: Stage>(
         &self,
         slot: &Slot<S>,
         job: S::Job,
@@ -329,7 +352,7 @@ impl TopicRunner {
     async fn drive_steps(self: &Arc<Self>, live: &Arc<LiveTopic>) -> Result<(), Halt> {
         let kind = self.ensure_route(live).await?;
         let outline = self.ensure_outline(live, &kind).await?;
-        let plan = DraftPlan::new(&kind, self.services.kind(&kind), outline);
+        let plan = DraftPlan::new(&self.services.config, &kind, self.services.kind(&kind), outline);
         self.ensure_variants(live, &plan).await?;
         self.ensure_choice(live).await?;
         self.revision_loop(live, &plan).await?;

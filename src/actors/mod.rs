@@ -32,7 +32,7 @@ pub struct Formats {
     pub kind_names: Vec<String>,
     pub route: Arc<StructuredFormat>,
     /// The router's prompt instructions (config-only, so built once).
-    pub router_instructions: String,
+    pub router_instructions: Arc<str>,
     pub review: Arc<StructuredFormat>,
     outlines: HashMap<String, Arc<StructuredFormat>>,
 }
@@ -42,7 +42,7 @@ impl Formats {
         let kind_names = config.kind_names();
         Formats {
             route: Arc::new(schema::route_format(&kind_names)),
-            router_instructions: crate::workflow::prompts::router_instructions(config),
+            router_instructions: crate::workflow::prompts::router_instructions(config).into(),
             review: Arc::new(schema::review_format_for(config.llm.max_output_tokens)),
             outlines: config.kinds.iter().map(|(n, k)| (n.clone(), Arc::new(schema::outline_format(k)))).collect(),
             kind_names,

@@ -18,7 +18,7 @@ use rand::Rng;
 use tracing::Instrument;
 
 use super::Services;
-use crate::config::KindConfig;
+use crate::config::{Config, KindConfig};
 use crate::events::TopicEvent;
 use crate::llm::retry::{Attempt, AttemptReport, StepFailure, StepSuccess};
 use crate::llm::LlmRequest;
@@ -118,17 +118,20 @@ pub struct PlanJob {
 pub struct DraftPlan {
     pub kind: String,
     pub outline: Outline,
-    writer_rules: String,
-    review_rules: String,
+    writer_instructions: Arc<str>,
+    reviewer_instructions: Arc<str>,
+    reviser_instructions: Arc<str>,
     format: Option<Arc<StructuredFormat>>,
 }
 
 impl DraftPlan {
-    pub fn new(kind_name: &str, kind: &KindConfig, outline: Outline) -> Arc<DraftPlan> {
+    pub fn new(config: &Config, kind_name: &str, kind: &KindConfig, outline: Outline) -> Arc<DraftPlan> {
+        let writer_rules = prompts::writer_rules(kind, &outline);
         Arc::new(DraftPlan {
             kind: kind_name.to_string(),
-            writer_rules: prompts::writer_rules(kind, &outline),
-            review_rules: prompts::review_rules(kind, &outline),
+            writer_instructions: prompts::writer_instructions(config, kind, &writer_rules),
+            reviewer_instructions: prompts::reviewer_instructions(config, kind, &prompts::review_rules(kind, &outline)),
+            reviser_instructions: prompts::reviser_instructions(config, kind, &writer_rules),
             format: kind.structured_draft.then(|| Arc::new(schema::draft_format(kind, &outline))),
             outline,
         })
@@ -213,8 +216,7 @@ impl Stage for WriteStage {
         JobPosition { variant: Some(job.variant), revision: None }
     }
     fn request(s: &Services, job: &WriteJob, a: Attempt<'_>) -> LlmRequest {
-        let kind = s.kind(&job.plan.kind);
-        let p = prompts::write_with_rules(&s.config, kind, &job.topic.topic, &job.plan.writer_rules, a.feedback);
+        let p = prompts::write_with(&job.plan.writer_instructions, &job.topic.topic, a.feedback);
         request_for::<Self>(s, job, p, a, job.plan.format.clone())
     }
     fn gate(s: &Services, job: &WriteJob, text: &str) -> Result<Draft, GateError> {
@@ -234,15 +236,7 @@ impl Stage for ReviewStage {
         job.position
     }
     fn request(s: &Services, job: &ReviewJob, a: Attempt<'_>) -> LlmRequest {
-        let rules = &job.plan.review_rules;
-        let p = prompts::review_with_rules(
-            &s.config,
-            s.kind(&job.plan.kind),
-            &job.topic.topic,
-            rules,
-            &job.draft,
-            a.feedback,
-        );
+        let p = prompts::review_with(&job.plan.reviewer_instructions, &job.topic.topic, &job.draft, a.feedback);
         request_for::<Self>(s, job, p, a, Some(s.formats.review.clone()))
     }
     fn gate(s: &Services, _job: &ReviewJob, text: &str) -> Result<Review, GateError> {
@@ -264,12 +258,11 @@ impl Stage for ReviseStage {
     fn request(s: &Services, job: &ReviseJob, a: Attempt<'_>) -> LlmRequest {
         let input = prompts::RevisionInput {
             topic: &job.topic.topic,
-            writer_rules: &job.plan.writer_rules,
             draft: &job.draft,
             review: &job.review,
             human_note: job.human_note.as_deref(),
         };
-        let p = prompts::revise(&s.config, s.kind(&job.plan.kind), &input, a.feedback);
+        let p = prompts::revise_with(&job.plan.reviser_instructions, &input, a.feedback);
         request_for::<Self>(s, job, p, a, job.plan.format.clone())
     }
     fn gate(s: &Services, job: &ReviseJob, text: &str) -> Result<Draft, GateError> {

@@ -27,8 +27,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[derive(Debug, Clone)]
 pub struct LlmRequest {
     pub step: Step,
-    /// System / developer instructions.
-    pub instructions: String,
+    /// System / developer instructions (shared between requests).
+    pub instructions: Arc<str>,
     /// The user input (topic, draft to review, …).
     pub input: String,
     pub max_output_tokens: u32,

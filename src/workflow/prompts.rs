@@ -10,14 +10,16 @@
 //! OpenAI server use it to produce drafts that pass the gate.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use super::{schema, Draft, Outline, Review};
 use crate::config::{Config, KindConfig};
 
-/// Instructions + input for one call.
+/// Instructions + input for one call. Instructions are shared: for the
+/// draft steps they are the same for every variant and attempt of a topic.
 #[derive(Debug, Clone)]
 pub struct Prompt {
-    pub instructions: String,
+    pub instructions: Arc<str>,
     pub input: String,
 }
 
@@ -95,7 +97,7 @@ fn with_feedback(mut input: String, feedback: Option<&str>) -> String {
 }
 
 pub fn route(config: &Config, topic: &str, feedback: Option<&str>) -> Prompt {
-    route_with_instructions(&router_instructions(config), topic, feedback)
+    route_with_instructions(&router_instructions(config).into(), topic, feedback)
 }
 
 /// The router's instructions: they depend on the config only (built once
@@ -106,13 +108,13 @@ pub fn router_instructions(config: &Config) -> String {
     fill(&config.prompts.router, &[("kinds", &kinds)]) + "\nAnswer with a JSON object {\"kind\": <one of the kinds>}."
 }
 
-pub fn route_with_instructions(instructions: &str, topic: &str, feedback: Option<&str>) -> Prompt {
-    Prompt { instructions: instructions.to_string(), input: with_feedback(topic_line(topic), feedback) }
+pub fn route_with_instructions(instructions: &Arc<str>, topic: &str, feedback: Option<&str>) -> Prompt {
+    Prompt { instructions: Arc::clone(instructions), input: with_feedback(topic_line(topic), feedback) }
 }
 
 pub fn plan(config: &Config, kind: &KindConfig, topic: &str, feedback: Option<&str>) -> Prompt {
     Prompt {
-        instructions: cached(&kind.rendered.planner, || planner_text(config, kind)).into_owned(),
+        instructions: cached(&kind.rendered.planner, || planner_text(config, kind)).into(),
         input: with_feedback(topic_line(topic), feedback),
     }
 }
@@ -160,25 +162,24 @@ pub fn writer_rules(kind: &KindConfig, outline: &Outline) -> String {
 }
 
 pub fn write(config: &Config, kind: &KindConfig, topic: &str, outline: &Outline, feedback: Option<&str>) -> Prompt {
-    write_with_rules(config, kind, topic, &writer_rules(kind, outline), feedback)
+    write_with(&writer_instructions(config, kind, &writer_rules(kind, outline)), topic, feedback)
 }
 
-/// `write` with the rules already rendered (`writer_rules`, once per topic).
-pub fn write_with_rules(
-    config: &Config,
-    kind: &KindConfig,
-    topic: &str,
-    writer_rules: &str,
-    feedback: Option<&str>,
-) -> Prompt {
-    Prompt {
-        instructions: joined(&[
-            &cached(&kind.rendered.writer, || fill(&config.prompts.writer, &[("persona", &kind.persona)])),
-            "\n",
-            writer_rules,
-        ]),
-        input: with_feedback(topic_line(topic), feedback),
-    }
+/// The writer's instructions for a kind and its rules (`writer_rules`):
+/// the same for every variant and attempt of a topic, so built once per
+/// topic and shared (`actors::stage::DraftPlan`).
+pub fn writer_instructions(config: &Config, kind: &KindConfig, writer_rules: &str) -> Arc<str> {
+    joined(&[
+        &cached(&kind.rendered.writer, || fill(&config.prompts.writer, &[("persona", &kind.persona)])),
+        "\n",
+        writer_rules,
+    ])
+    .into()
+}
+
+/// A write request from prebuilt instructions (`writer_instructions`).
+pub fn write_with(instructions: &Arc<str>, topic: &str, feedback: Option<&str>) -> Prompt {
+    Prompt { instructions: Arc::clone(instructions), input: with_feedback(topic_line(topic), feedback) }
 }
 
 /// One allocation for a few pieces.
@@ -196,7 +197,7 @@ pub fn review(
     draft: &Draft,
     feedback: Option<&str>,
 ) -> Prompt {
-    review_with_rules(config, kind, topic, &review_rules(kind, outline), draft, feedback)
+    review_with(&reviewer_instructions(config, kind, &review_rules(kind, outline)), topic, draft, feedback)
 }
 
 /// The rules a reviewer is shown: the writer's, without their header.
@@ -204,37 +205,46 @@ pub fn review_rules(kind: &KindConfig, outline: &Outline) -> String {
     draft_rules(kind, outline).replace("Rules:\n", "")
 }
 
-/// `review` with the rules already rendered (`review_rules`, once per topic).
-pub fn review_with_rules(
-    config: &Config,
-    kind: &KindConfig,
-    topic: &str,
-    review_rules: &str,
-    draft: &Draft,
-    feedback: Option<&str>,
-) -> Prompt {
-    let instructions = joined(&[
+/// The reviewer's instructions for a kind and its rules (`review_rules`);
+/// built once per topic, like `writer_instructions`.
+pub fn reviewer_instructions(config: &Config, kind: &KindConfig, review_rules: &str) -> Arc<str> {
+    joined(&[
         &cached(&kind.rendered.reviewer, || fill(&config.prompts.reviewer, &[("rubric", &kind.rubric)])),
         "\nThe draft was written under these rules:\n",
         review_rules,
         "\nAnswer with a JSON object {\"approved\": bool, \"score\": 0-10, \"issues\": [string], \"suggestions\": [string]}.",
-    ]);
+    ])
+    .into()
+}
+
+/// A review request from prebuilt instructions (`reviewer_instructions`).
+pub fn review_with(instructions: &Arc<str>, topic: &str, draft: &Draft, feedback: Option<&str>) -> Prompt {
     let input = joined(&[&topic_line(topic), "\n\nDraft to review:\n<<<DRAFT\n", &draft.markdown, "\nDRAFT>>>"]);
-    Prompt { instructions, input: with_feedback(input, feedback) }
+    Prompt { instructions: Arc::clone(instructions), input: with_feedback(input, feedback) }
 }
 
 /// A revision request. A human reviewer's note, when present, is the top
 /// instruction.
 pub struct RevisionInput<'a> {
     pub topic: &'a str,
-    /// `writer_rules` for the topic's kind and outline.
-    pub writer_rules: &'a str,
     pub draft: &'a Draft,
     pub review: &'a Review,
     pub human_note: Option<&'a str>,
 }
 
-pub fn revise(config: &Config, kind: &KindConfig, r: &RevisionInput<'_>, feedback: Option<&str>) -> Prompt {
+/// The reviser's instructions for a kind and its rules (`writer_rules`);
+/// built once per topic, like `writer_instructions`.
+pub fn reviser_instructions(config: &Config, kind: &KindConfig, writer_rules: &str) -> Arc<str> {
+    joined(&[
+        &cached(&kind.rendered.reviser, || fill(&config.prompts.reviser, &[("persona", &kind.persona)])),
+        "\n",
+        writer_rules,
+    ])
+    .into()
+}
+
+/// A revision request from prebuilt instructions (`reviser_instructions`).
+pub fn revise_with(instructions: &Arc<str>, r: &RevisionInput<'_>, feedback: Option<&str>) -> Prompt {
     let mut input = String::with_capacity(r.draft.markdown.len() + 512);
     if let Some(note) = r.human_note {
         input.push_str("Most important: a human editor rejected the draft with this note (a JSON string): ");
@@ -257,14 +267,7 @@ pub fn revise(config: &Config, kind: &KindConfig, r: &RevisionInput<'_>, feedbac
     input.push_str("\nDraft to revise:\n<<<DRAFT\n");
     input.push_str(&r.draft.markdown);
     input.push_str("\nDRAFT>>>");
-    Prompt {
-        instructions: joined(&[
-            &cached(&kind.rendered.reviser, || fill(&config.prompts.reviser, &[("persona", &kind.persona)])),
-            "\n",
-            r.writer_rules,
-        ]),
-        input: with_feedback(input, feedback),
-    }
+    Prompt { instructions: Arc::clone(instructions), input: with_feedback(input, feedback) }
 }
 
 /// The writer rules read back from instructions (see module doc).
