@@ -68,7 +68,7 @@ fn structured_request() -> LlmRequest {
     LlmRequest {
         step: Step::Plan,
         instructions: "You are a careful editor.".into(),
-        input: "Review this draft: # Title\n\nBody.".to_string(),
+        input: "Review this draft: # Title\n\nBody.".into(),
         max_output_tokens: 800,
         format: Some(Arc::new(review_format())),
         seed_key: 42,

@@ -350,12 +350,14 @@ impl TopicRunner {
     }
 
     async fn drive_steps(self: &Arc<Self>, live: &Arc<LiveTopic>) -> Result<(), Halt> {
-        let kind = self.ensure_route(live).await?;
-        let outline = self.ensure_outline(live, &kind).await?;
+        // Each phase boxed: the driver task then holds only the phase that
+        // is running, not the largest of them inline for its whole life.
+        let kind = Box::pin(self.ensure_route(live)).await?;
+        let outline = Box::pin(self.ensure_outline(live, &kind)).await?;
         let plan = DraftPlan::new(&self.services.config, &kind, self.services.kind(&kind), outline);
-        self.ensure_variants(live, &plan).await?;
-        self.ensure_choice(live).await?;
-        self.revision_loop(live, &plan).await?;
+        Box::pin(self.ensure_variants(live, &plan)).await?;
+        Box::pin(self.ensure_choice(live)).await?;
+        Box::pin(self.revision_loop(live, &plan)).await?;
         let (require_approval, approved_by_human) = {
             let st = live.lock();
             (st.require_approval || self.services.kind(&kind).require_approval, st.approved_by_human())

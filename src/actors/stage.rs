@@ -120,7 +120,8 @@ pub struct DraftPlan {
     pub outline: Outline,
     writer_instructions: Arc<str>,
     reviewer_instructions: Arc<str>,
-    reviser_instructions: Arc<str>,
+    /// Built on the first revision: most topics never need it.
+    reviser_instructions: std::sync::OnceLock<Arc<str>>,
     format: Option<Arc<StructuredFormat>>,
 }
 
@@ -131,10 +132,15 @@ impl DraftPlan {
             kind: kind_name.to_string(),
             writer_instructions: prompts::writer_instructions(config, kind, &writer_rules),
             reviewer_instructions: prompts::reviewer_instructions(config, kind, &prompts::review_rules(kind, &outline)),
-            reviser_instructions: prompts::reviser_instructions(config, kind, &writer_rules),
+            reviser_instructions: std::sync::OnceLock::new(),
             format: kind.structured_draft.then(|| Arc::new(schema::draft_format(kind, &outline))),
             outline,
         })
+    }
+
+    fn reviser_instructions(&self, config: &Config, kind: &KindConfig) -> &Arc<str> {
+        self.reviser_instructions
+            .get_or_init(|| prompts::reviser_instructions(config, kind, &prompts::writer_rules(kind, &self.outline)))
     }
 }
 
@@ -262,7 +268,8 @@ impl Stage for ReviseStage {
             review: &job.review,
             human_note: job.human_note.as_deref(),
         };
-        let p = prompts::revise_with(&job.plan.reviser_instructions, &input, a.feedback);
+        let instructions = job.plan.reviser_instructions(&s.config, s.kind(&job.plan.kind));
+        let p = prompts::revise_with(instructions, &input, a.feedback);
         request_for::<Self>(s, job, p, a, job.plan.format.clone())
     }
     fn gate(s: &Services, job: &ReviseJob, text: &str) -> Result<Draft, GateError> {

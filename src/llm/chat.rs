@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{post_json, BoxFuture, HttpSettings, LlmError, LlmProvider, LlmReply, LlmRequest, Usage};
+use crate::workflow::prompts::PromptText;
 
 pub struct ChatProvider {
     settings: HttpSettings,
@@ -44,7 +45,8 @@ impl LlmProvider for ChatProvider {
 #[derive(Serialize)]
 struct ChatRequest<'a> {
     model: &'a str,
-    messages: [Message<'a>; 2],
+    // A tuple serializes as a JSON array: [system, user].
+    messages: (Message<'a, str>, Message<'a, PromptText>),
     /// `max_tokens`, not OpenAI's newer `max_completion_tokens`: llama.cpp,
     /// Ollama and vLLM all accept this one.
     max_tokens: u32,
@@ -58,9 +60,9 @@ struct ChatRequest<'a> {
 }
 
 #[derive(Serialize)]
-struct Message<'a> {
+struct Message<'a, C: Serialize + ?Sized> {
     role: &'static str,
-    content: &'a str,
+    content: &'a C,
 }
 
 #[derive(Serialize)]
@@ -83,10 +85,10 @@ struct JsonSchema<'a> {
 fn request_body<'a>(settings: &'a HttpSettings, request: &'a LlmRequest) -> ChatRequest<'a> {
     ChatRequest {
         model: &settings.model,
-        messages: [
-            Message { role: "system", content: &request.instructions },
+        messages: (
+            Message { role: "system", content: &*request.instructions },
             Message { role: "user", content: &request.input },
-        ],
+        ),
         max_tokens: request.max_output_tokens,
         temperature: settings.temperature,
         seed: settings.seed,

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, ProviderChoice};
+use crate::workflow::prompts::PromptText;
 use crate::workflow::schema::StructuredFormat;
 use crate::workflow::Step;
 
@@ -30,7 +31,7 @@ pub struct LlmRequest {
     /// System / developer instructions (shared between requests).
     pub instructions: Arc<str>,
     /// The user input (topic, draft to review, …).
-    pub input: String,
+    pub input: PromptText,
     pub max_output_tokens: u32,
     /// `Some` for structured (JSON) steps; `None` for markdown.
     pub format: Option<Arc<StructuredFormat>>,

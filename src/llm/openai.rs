@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{post_json, BoxFuture, HttpSettings, LlmError, LlmProvider, LlmReply, LlmRequest, Usage};
+use crate::workflow::prompts::PromptText;
 use crate::workflow::schema::without_string_lengths;
 
 pub struct OpenAiProvider {
@@ -46,7 +47,7 @@ impl LlmProvider for OpenAiProvider {
 struct ResponsesRequest<'a> {
     model: &'a str,
     instructions: &'a str,
-    input: &'a str,
+    input: &'a PromptText,
     max_output_tokens: u32,
     /// We never fetch a response back by id, so do not leave drafts stored
     /// on OpenAI's side.

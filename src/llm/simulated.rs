@@ -301,7 +301,7 @@ impl LlmProvider for SimulatedProvider {
                 Fault::Hang => std::future::pending::<()>().await,
             }
             let format = request.format.as_ref().map(|f| (f.name, &f.schema));
-            let text = fake_output(format, &request.instructions, &request.input, &mut rng);
+            let text = fake_output(format, &request.instructions, &request.input.to_string(), &mut rng);
             let text = if matches!(fault, Fault::Malformed) { text[..text.len() / 2].to_string() } else { text };
             let usage = Usage {
                 input_tokens: ((request.instructions.len() + request.input.len()) / 4) as u64,
@@ -346,7 +346,7 @@ mod tests {
                 let text = fake_output(
                     Some(("draft", &format.schema)),
                     &p.instructions,
-                    &p.input,
+                    &p.input.to_string(),
                     &mut SmallRng::seed_from_u64(seed),
                 );
                 gates::check_structured_draft(&text, &outline, &kind)

@@ -20,7 +20,82 @@ use crate::config::{Config, KindConfig};
 #[derive(Debug, Clone)]
 pub struct Prompt {
     pub instructions: Arc<str>,
-    pub input: String,
+    pub input: PromptText,
+}
+
+/// A prompt's text as pieces, some shared: a review or revision request
+/// holds its draft by reference, not as a copy, until the provider writes
+/// the text out (straight into the request body). Thousands of requests
+/// waiting in the rate limiter each held a copy of their draft.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PromptText {
+    parts: Vec<TextPart>,
+    len: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum TextPart {
+    Owned(String),
+    Shared(Arc<str>),
+}
+
+impl PromptText {
+    pub fn push_str(&mut self, text: &str) {
+        self.len += text.len();
+        match self.parts.last_mut() {
+            Some(TextPart::Owned(last)) => last.push_str(text),
+            _ => self.parts.push(TextPart::Owned(text.to_string())),
+        }
+    }
+
+    pub fn push_shared(&mut self, text: &Arc<str>) {
+        self.len += text.len();
+        self.parts.push(TextPart::Shared(Arc::clone(text)));
+    }
+
+    /// Length in bytes of the whole text.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn contains(&self, pattern: &str) -> bool {
+        self.to_string().contains(pattern)
+    }
+}
+
+impl From<String> for PromptText {
+    fn from(text: String) -> Self {
+        PromptText { len: text.len(), parts: vec![TextPart::Owned(text)] }
+    }
+}
+
+impl From<&str> for PromptText {
+    fn from(text: &str) -> Self {
+        PromptText::from(text.to_string())
+    }
+}
+
+impl std::fmt::Display for PromptText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for part in &self.parts {
+            f.write_str(match part {
+                TextPart::Owned(s) => s,
+                TextPart::Shared(s) => s,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Serialized as one JSON string, written piece by piece.
+impl serde::Serialize for PromptText {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
 }
 
 fn fill(template: &str, pairs: &[(&str, &str)]) -> String {
@@ -87,7 +162,8 @@ fn cached(cached: &str, render: impl FnOnce() -> String) -> Cow<'_, str> {
     }
 }
 
-fn with_feedback(mut input: String, feedback: Option<&str>) -> String {
+fn with_feedback(input: impl Into<PromptText>, feedback: Option<&str>) -> PromptText {
+    let mut input = input.into();
     if let Some(f) = feedback {
         input.push_str("\n\nYour previous answer was rejected: ");
         input.push_str(f);
@@ -219,7 +295,9 @@ pub fn reviewer_instructions(config: &Config, kind: &KindConfig, review_rules: &
 
 /// A review request from prebuilt instructions (`reviewer_instructions`).
 pub fn review_with(instructions: &Arc<str>, topic: &str, draft: &Draft, feedback: Option<&str>) -> Prompt {
-    let input = joined(&[&topic_line(topic), "\n\nDraft to review:\n<<<DRAFT\n", &draft.markdown, "\nDRAFT>>>"]);
+    let mut input = PromptText::from(topic_line(topic) + "\n\nDraft to review:\n<<<DRAFT\n");
+    input.push_shared(&draft.markdown);
+    input.push_str("\nDRAFT>>>");
     Prompt { instructions: Arc::clone(instructions), input: with_feedback(input, feedback) }
 }
 
@@ -245,7 +323,7 @@ pub fn reviser_instructions(config: &Config, kind: &KindConfig, writer_rules: &s
 
 /// A revision request from prebuilt instructions (`reviser_instructions`).
 pub fn revise_with(instructions: &Arc<str>, r: &RevisionInput<'_>, feedback: Option<&str>) -> Prompt {
-    let mut input = String::with_capacity(r.draft.markdown.len() + 512);
+    let mut input = PromptText::default();
     if let Some(note) = r.human_note {
         input.push_str("Most important: a human editor rejected the draft with this note (a JSON string): ");
         input.push_str(&serde_json::Value::String(note.to_string()).to_string());
@@ -256,16 +334,16 @@ pub fn revise_with(instructions: &Arc<str>, r: &RevisionInput<'_>, feedback: Opt
     for i in &r.review.issues {
         input.push_str("- ");
         input.push_str(i);
-        input.push('\n');
+        input.push_str("\n");
     }
     input.push_str("Review suggestions:\n");
     for s in &r.review.suggestions {
         input.push_str("- ");
         input.push_str(s);
-        input.push('\n');
+        input.push_str("\n");
     }
     input.push_str("\nDraft to revise:\n<<<DRAFT\n");
-    input.push_str(&r.draft.markdown);
+    input.push_shared(&r.draft.markdown);
     input.push_str("\nDRAFT>>>");
     Prompt { instructions: Arc::clone(instructions), input: with_feedback(input, feedback) }
 }
@@ -303,6 +381,21 @@ impl DraftContract {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prompt_text_writes_its_pieces_in_order() {
+        let draft: Arc<str> = "# T\n\"quoted\" body".into();
+        let mut text = PromptText::from("head ");
+        text.push_shared(&draft);
+        text.push_str(" tail");
+        text.push_str("!");
+        let whole = "head # T\n\"quoted\" body tail!";
+        assert_eq!(text.to_string(), whole);
+        assert_eq!(text.len(), whole.len());
+        assert_eq!(serde_json::to_string(&text).unwrap(), serde_json::to_string(whole).unwrap());
+        // The draft is shared, not copied.
+        assert_eq!(Arc::strong_count(&draft), 2);
+    }
 
     #[test]
     fn topic_cannot_escape() {
