@@ -226,6 +226,23 @@ impl JournalRecord {
             JournalRecord::Cancelled => "cancelled",
         }
     }
+
+    /// False for the records `apply` never changes a topic's status with
+    /// (the step results): the store then leaves the status column, and
+    /// its index, alone.
+    pub fn may_change_status(&self) -> bool {
+        use JournalRecord as J;
+        !matches!(
+            self,
+            J::Routed { .. }
+                | J::Planned { .. }
+                | J::Drafted { .. }
+                | J::Reviewed { .. }
+                | J::VariantFailed { .. }
+                | J::Chosen { .. }
+                | J::RevisionReviewed { .. }
+        )
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -455,6 +472,45 @@ impl From<&TopicState> for TopicSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_that_may_not_change_status_do_not() {
+        let cost = r#""cost":{"calls":1,"attempts":1,"usage":{"input_tokens":1,"output_tokens":2}}"#;
+        let timing = r#""timing":{"step":"write","attempts":1,"started_ms":1,"finished_ms":2}"#;
+        let review = r#""review":{"approved":false,"score":3,"issues":[],"suggestions":[]}"#;
+        let steps = [
+            format!(r#"{{"type":"routed","kind":"article",{cost},"timing":null}}"#),
+            format!(r#"{{"type":"planned","outline":{{"title":"t","sections":["a"]}},{cost},{timing}}}"#),
+            format!(r#"{{"type":"drafted","variant":0,"draft":{{"markdown":"m","words":1}},{cost},{timing}}}"#),
+            format!(r#"{{"type":"reviewed","variant":0,{review},{cost},{timing}}}"#),
+            format!(
+                r#"{{"type":"variant_failed","variant":1,"error":{{"step":"write","kind":"timeout","message":"m"}},{cost},"timing":null}}"#
+            ),
+            r#"{"type":"chosen","variant":0,"reason":"r"}"#.to_string(),
+            format!(r#"{{"type":"revision_reviewed","number":1,{review},{cost},{timing}}}"#),
+        ];
+        let submission = Submission {
+            id: "t1".into(),
+            topic: "x".into(),
+            kind: None,
+            variants: 3,
+            require_approval: false,
+            idempotency_key: None,
+            submitted_ms: 0,
+        };
+        use TopicStatus as S;
+        for status in [S::Queued, S::Running, S::AwaitingApproval, S::Completed, S::Failed, S::Cancelled] {
+            for json in &steps {
+                let record: JournalRecord = serde_json::from_str(json).unwrap_or_else(|e| panic!("{json}: {e}"));
+                assert!(!record.may_change_status(), "{json}");
+                let mut state = TopicState::new(&submission);
+                state.status = status;
+                state.apply(&record, 5);
+                assert_eq!(state.status, status, "{json}");
+            }
+        }
+        assert!(JournalRecord::Started.may_change_status() && JournalRecord::Completed.may_change_status());
+    }
 
     #[test]
     fn failures_journaled_without_timing_still_read() {

@@ -344,6 +344,9 @@ struct JournalRow {
     /// (reloaded from `MAX(seq)` should another append come), so the cache
     /// stays bounded by the number of live topics.
     terminal: bool,
+    /// False when the record leaves the status as it was: the `UPDATE` then
+    /// skips the status column, so SQLite leaves the status index alone.
+    status_may_change: bool,
 }
 
 impl JournalRow {
@@ -356,6 +359,7 @@ impl JournalRow {
             status: state.status.as_str(),
             summary_json: encode(&TopicSummary::from(state), "summary")?,
             terminal: state.status.is_terminal(),
+            status_may_change: record.may_change_status(),
         })
     }
 }
@@ -570,9 +574,14 @@ fn append_record(
 ) -> rusqlite::Result<Result<(), StoreError>> {
     // A failed UPDATE statement is undone by SQLite as a whole; zero rows
     // means nothing was written.
-    let updated = conn
-        .prepare_cached("UPDATE topics SET status = ?2, summary_json = ?3, updated_ms = ?4 WHERE id = ?1")?
-        .execute(params![row.topic_id, row.status, row.summary_json, row.at_ms])?;
+    let updated =
+        if row.status_may_change {
+            conn.prepare_cached("UPDATE topics SET status = ?2, summary_json = ?3, updated_ms = ?4 WHERE id = ?1")?
+                .execute(params![row.topic_id, row.status, row.summary_json, row.at_ms])?
+        } else {
+            conn.prepare_cached("UPDATE topics SET summary_json = ?2, updated_ms = ?3 WHERE id = ?1")?
+                .execute(params![row.topic_id, row.summary_json, row.at_ms])?
+        };
     if updated == 0 {
         return Ok(Err(StoreError::Database(format!("cannot append to unknown topic {}", row.topic_id))));
     }
