@@ -40,8 +40,23 @@ pub enum Command {
     Client(cli::client::ClientCommand),
 }
 
+/// `[chaos]` panics are rehearsals, counted in metrics and followed by a
+/// logged restart; printing each with a backtrace buried the real output.
+/// Every other panic goes to the default hook.
+fn quiet_injected_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload.downcast_ref::<String>().map(String::as_str).or(payload.downcast_ref::<&str>().copied());
+        if !message.is_some_and(|m| m.starts_with(scriptorium::actors::stage::CHAOS_PANIC)) {
+            default(info);
+        }
+    }));
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    quiet_injected_panics();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -287,6 +287,10 @@ fn gate_draft(kind: &KindConfig, outline: &Outline, text: &str) -> Result<Draft,
 
 // ---- the actor -------------------------------------------------------------
 
+/// How an injected panic's message starts (the binary keeps them out of
+/// stderr: they are counted, and the supervisor logs each restart).
+pub const CHAOS_PANIC: &str = "chaos: injected panic";
+
 /// Counts injected panics, so chaos runs can compare them with restarts.
 pub static INJECTED_PANICS: AtomicU64 = AtomicU64::new(0);
 
@@ -329,7 +333,7 @@ impl<S: Stage> Actor for StageActor<S> {
         let rate = services.config.chaos.actor_panic_rate;
         if rate > 0.0 && rand::rng().random::<f64>() < rate {
             INJECTED_PANICS.fetch_add(1, Ordering::Relaxed);
-            panic!("chaos: injected panic in {}", S::NAME);
+            panic!("{CHAOS_PANIC} in {}", S::NAME);
         }
         let services = Arc::clone(services);
         tokio::spawn(async move {
