@@ -113,15 +113,7 @@ async fn no_429_when_the_token_limit_matches_the_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_topic_is_accounted_for_under_the_chaos_fault_mix() {
-    let faults = FaultRates {
-        server_error: 0.05,
-        unavailable: 0.05,
-        rate_limit: 0.05,
-        malformed: 0.03,
-        wrong_schema: 0.02,
-        hang: 0.01,
-        reset: 0.01,
-    };
+    let faults = FaultRates::chaos_mix();
     let server = fake(FakeConfig {
         latency: Duration::from_millis(20),
         jitter: Duration::from_millis(10),

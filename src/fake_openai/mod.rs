@@ -70,6 +70,20 @@ pub struct FaultRates {
 }
 
 impl FaultRates {
+    /// The chaos mix of issue 5 (22 % of requests), shared by the `chaos`
+    /// bench scenario and the chaos property test.
+    pub fn chaos_mix() -> FaultRates {
+        FaultRates {
+            server_error: 0.05,
+            unavailable: 0.05,
+            rate_limit: 0.05,
+            malformed: 0.03,
+            wrong_schema: 0.02,
+            hang: 0.01,
+            reset: 0.01,
+        }
+    }
+
     pub fn total(&self) -> f64 {
         self.server_error
             + self.unavailable

@@ -229,10 +229,6 @@ impl StepCaller {
         }
     }
 
-    pub fn limiter(&self) -> &Arc<dyn RateLimit> {
-        &self.limiter
-    }
-
     /// Runs attempts until the gate accepts an output, a fatal error, or the
     /// attempts run out.
     pub async fn call<T>(

@@ -297,15 +297,7 @@ fn unretried_faults(states: &[TopicState], faults: &HashMap<(String, String), Ve
 
 /// `chaos`: the fault mix of issue 5 plus panicking stage actors.
 pub async fn chaos(results: &Path, topics: usize) -> anyhow::Result<()> {
-    let faults = FaultRates {
-        server_error: 0.05,
-        unavailable: 0.05,
-        rate_limit: 0.05,
-        malformed: 0.03,
-        wrong_schema: 0.02,
-        hang: 0.01,
-        reset: 0.01,
-    };
+    let faults = FaultRates::chaos_mix();
     let server = fake_server(0, 0, faults.clone()).await?;
     let mut config = http_config(0, 0)?;
     // Hangs end at the request timeout: 3 s instead of the default 120 s,
