@@ -158,7 +158,14 @@ async fn every_topic_is_accounted_for_under_the_chaos_fault_mix() {
     let steps: u64 = states.iter().map(|s| s.timings.len() as u64).sum();
     let retries = calls - steps;
     assert!(snap.faults_total > 50, "the mix injected too little to test: {snap:?}");
-    assert!(retries >= snap.faults_total, "every fault is retried: {retries} < {}", snap.faults_total);
+    // A variant whose every attempt met a fault (p ~ 1e-4 per step at this
+    // mix) ends without retrying its last one; the topic still completes.
+    let exhausted: u64 = states.iter().map(|s| s.variants.iter().filter(|v| v.error.is_some()).count() as u64).sum();
+    assert!(
+        retries + exhausted >= snap.faults_total,
+        "every fault is retried: {retries} retries + {exhausted} exhausted variants < {}",
+        snap.faults_total
+    );
     assert!(retries as f64 <= 1.5 * snap.faults_total as f64, "{retries} retries for {} faults", snap.faults_total);
 
     // No step re-run: per (topic, step) the server saw exactly the attempts
