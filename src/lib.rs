@@ -10,6 +10,7 @@ pub mod engine;
 pub mod events;
 pub mod fake_openai;
 pub mod llm;
+pub mod queue;
 pub mod server;
 pub mod state;
 pub mod store;

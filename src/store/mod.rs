@@ -17,6 +17,7 @@ pub mod sqlite;
 use std::collections::BTreeMap;
 
 use crate::llm::BoxFuture;
+use crate::queue::Lease;
 use crate::state::{JournalRecord, TopicState, TopicStatus, TopicSummary};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,10 @@ pub enum StoreError {
     Corrupt(String),
     #[error("store is closed")]
     Closed,
+    /// The writer no longer holds the topic's lease (its fencing epoch is
+    /// not the current one): another worker owns the topic now.
+    #[error("lease lost: topic `{0}` is owned by another worker")]
+    Fenced(String),
 }
 
 /// Result of `insert`: a new topic, or the existing one with the same
@@ -54,6 +59,18 @@ pub trait TopicStore: Send + Sync + 'static {
     /// Durably appends one journal record; `state` is the state after
     /// applying it (for status columns and summaries).
     fn append(&self, state: &TopicState, record: &JournalRecord) -> BoxFuture<'static, Result<(), StoreError>>;
+    /// `append` by the holder of `lease`: a store shared by several workers
+    /// refuses it with `StoreError::Fenced` when the lease's epoch is not the
+    /// topic's current one. A single-process store has nothing to fence.
+    fn append_fenced(
+        &self,
+        state: &TopicState,
+        record: &JournalRecord,
+        lease: Option<&Lease>,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        let _ = lease;
+        self.append(state, record)
+    }
     /// Rebuilds a topic from its submission and journal.
     fn load(&self, id: &str) -> BoxFuture<'static, Result<Option<TopicState>, StoreError>>;
     fn list(&self, query: ListQuery) -> BoxFuture<'static, Result<Vec<TopicSummary>, StoreError>>;
