@@ -257,3 +257,15 @@ pub fn spawn_process_metrics() -> tokio::task::JoinHandle<()> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn colour_only_on_a_terminal_and_never_with_no_color() {
+        use std::ffi::OsStr;
+        assert!(super::use_colour(true, None));
+        assert!(super::use_colour(true, Some(OsStr::new(""))), "an empty NO_COLOR does not count");
+        assert!(!super::use_colour(true, Some(OsStr::new("1"))));
+        assert!(!super::use_colour(false, None));
+    }
+}

@@ -46,7 +46,6 @@ static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
 /// Builds the tracer provider for `url` and returns the tracer for the
 /// `tracing` layer. The exporter lives on its own thread.
 pub fn start(config: &TelemetryConfig, url: String) -> Result<opentelemetry_sdk::trace::SdkTracer, String> {
-    describe_metrics();
     let processor = QueueProcessor::spawn(url, config)?;
     // The resource is handed to the exporter on its thread (see `spawn`).
     let provider = SdkTracerProvider::builder().with_span_processor(processor).build();
@@ -66,7 +65,10 @@ pub fn shutdown() {
     }
 }
 
-fn describe_metrics() {
+/// HELP text and zero values of the trace counters. Call after installing
+/// the metrics recorder (tracing starts before it; the counters are looked
+/// up at each use, so they count from whenever the recorder exists).
+pub fn describe_metrics() {
     metrics::describe_counter!(
         "scriptorium_trace_spans_exported_total",
         "Spans accepted by the OTLP receiver (only with telemetry.otlp_endpoint set)."
@@ -94,7 +96,6 @@ enum Msg {
 struct QueueProcessor {
     tx: SyncSender<Msg>,
     worker: Mutex<Option<std::thread::JoinHandle<()>>>,
-    dropped: metrics::Counter,
 }
 
 impl std::fmt::Debug for QueueProcessor {
@@ -144,11 +145,7 @@ impl QueueProcessor {
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err("the trace exporter thread stopped while starting".into()),
         }
-        Ok(QueueProcessor {
-            tx,
-            worker: Mutex::new(Some(worker)),
-            dropped: metrics::counter!("scriptorium_trace_spans_dropped_total"),
-        })
+        Ok(QueueProcessor { tx, worker: Mutex::new(Some(worker)) })
     }
 
     fn control(&self, make: impl FnOnce(SyncSender<()>) -> Msg, timeout: Duration) -> OTelSdkResult {
@@ -161,9 +158,8 @@ impl QueueProcessor {
 }
 
 fn run_worker(exporter: &opentelemetry_otlp::SpanExporter, rx: Receiver<Msg>) {
-    let exported = metrics::counter!("scriptorium_trace_spans_exported_total");
-    let dropped = metrics::counter!("scriptorium_trace_spans_dropped_total");
-    let failures = metrics::counter!("scriptorium_trace_export_failures_total");
+    // Counters are looked up per batch, not held: this thread starts
+    // before the metrics recorder is installed.
     let mut batch: Vec<SpanData> = Vec::with_capacity(MAX_BATCH);
     let mut first_at: Option<Instant> = None;
     let export = |batch: &mut Vec<SpanData>| {
@@ -172,10 +168,10 @@ fn run_worker(exporter: &opentelemetry_otlp::SpanExporter, rx: Receiver<Msg>) {
         }
         let n = batch.len() as u64;
         match futures_executor::block_on(exporter.export(std::mem::take(batch))) {
-            Ok(()) => exported.increment(n),
+            Ok(()) => metrics::counter!("scriptorium_trace_spans_exported_total").increment(n),
             Err(e) => {
-                failures.increment(1);
-                dropped.increment(n);
+                metrics::counter!("scriptorium_trace_export_failures_total").increment(1);
+                metrics::counter!("scriptorium_trace_spans_dropped_total").increment(n);
                 tracing::debug!(target: "scriptorium::traces", error = %e, spans = n, "trace export failed");
             }
         }
@@ -222,7 +218,9 @@ impl SpanProcessor for QueueProcessor {
         }
         match self.tx.try_send(Msg::Span(Box::new(span))) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.increment(1),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                metrics::counter!("scriptorium_trace_spans_dropped_total").increment(1)
+            }
         }
     }
 

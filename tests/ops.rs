@@ -672,3 +672,91 @@ async fn an_unreachable_receiver_never_slows_or_fails_a_topic() {
     // The flush at exit is bounded (5 s); the run itself is not held up.
     assert!(took < Duration::from_secs(20), "{took:?}");
 }
+
+#[test]
+fn logs_are_coloured_on_a_terminal_only_without_no_color() {
+    // `script` (util-linux) runs the command on a pseudo-terminal.
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: `script` is not installed, no pseudo-terminal to test colour on");
+        return;
+    }
+    let xdg = Xdg::new();
+    let run = |no_color: &str| {
+        let cmd = format!(
+            "env RUST_LOG=info NO_COLOR={no_color} SCRIPTORIUM_LLM__SIMULATED__LATENCY_MS=0 {BIN} run --kind brief --variants 1 'A topic'"
+        );
+        let mut c = xdg.command();
+        c.env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        let mut script = Command::new("script");
+        script
+            .args(["-qec", &cmd, "/dev/null"])
+            .current_dir(&xdg.cwd)
+            .envs(c.get_envs().filter_map(|(k, v)| Some((k, v?))));
+        text(&output(script).stdout)
+    };
+    // The green INFO level and the dim timestamp are colour; the progress
+    // line's erase-line (ESC [2K) is not.
+    let coloured = run("");
+    assert!(coloured.contains("\x1b[32m INFO"), "no colour on a terminal: {coloured:?}");
+    let plain = run("1");
+    assert!(plain.contains(" INFO "), "no log line: {plain:?}");
+    assert!(!plain.contains("\x1b[32m") && !plain.contains("\x1b[2m"), "colour despite NO_COLOR: {plain:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_receiver_fills_the_queue_and_dropped_spans_are_counted() {
+    // A receiver that takes 3 s per request: with room for 2 queued spans,
+    // most of a topic's spans find the queue full. The topic finishes as
+    // fast as without traces, and the drops show in the metrics.
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let _ = req.into_body().collect().await;
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                        hyper::body::Bytes::from_static(b"{}"),
+                    )))
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    let xdg = Xdg::new();
+    let notify = Notify::new();
+    let port = free_port();
+    let mut c = xdg.command();
+    c.env("SCRIPTORIUM_LLM__SIMULATED__LATENCY_MS", "1")
+        .env("SCRIPTORIUM_LLM__SIMULATED__JITTER_MS", "0")
+        .env("SCRIPTORIUM_TELEMETRY__OTLP_ENDPOINT", format!("http://{addr}"))
+        .env("SCRIPTORIUM_TELEMETRY__MAX_QUEUED_SPANS", "2")
+        .env("NOTIFY_SOCKET", &notify.path);
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let mut daemon = Daemon::spawn(c, &["--metrics-addr", &metrics_addr], xdg.home.join("daemon.log"));
+    let notified = tokio::task::spawn_blocking(move || (notify.next(Duration::from_secs(60)), notify)).await.unwrap();
+    assert_eq!(notified.0, "READY=1", "{}", daemon.log());
+    let mut c = xdg.command();
+    c.args(["submit", "--wait", "--kind", "brief", "--variants", "4", "Many spans at once"]);
+    let started = Instant::now();
+    let out = tokio::task::spawn_blocking(move || output(c)).await.unwrap();
+    let took = started.elapsed();
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), daemon.log());
+    let body = reqwest::get(format!("http://{metrics_addr}/metrics")).await.unwrap().text().await.unwrap();
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the scrape"))
+    };
+    let dropped = value("scriptorium_trace_spans_dropped_total");
+    println!("topic took {took:?} with a 3 s receiver; {dropped} spans dropped");
+    assert!(dropped > 0.0, "a full queue drops spans, and they are counted");
+    // The topic did not wait for the receiver's 3 s per request.
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    let status = daemon.terminate();
+    assert!(status.success(), "{}", daemon.log());
+}

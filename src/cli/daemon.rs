@@ -64,6 +64,9 @@ pub async fn run(
         telemetry::install_metrics(Some(addr)).map_err(anyhow::Error::msg)?;
         telemetry::describe_metrics();
         telemetry::spawn_process_metrics();
+        if traces.is_some() {
+            scriptorium::traces::describe_metrics();
+        }
     }
     let tcp_addr = parse_addr("daemon.tcp", &config.daemon.tcp)?;
 

@@ -76,12 +76,15 @@ fn collect_topics(args: &RunArgs) -> anyhow::Result<Vec<String>> {
 
 pub async fn run(config_path: Option<PathBuf>, log_format: LogFormat, args: RunArgs) -> anyhow::Result<ExitCode> {
     let (config, _) = super::load_config(config_path.as_deref())?;
-    telemetry::init(log_format, "warn", Some(&config.telemetry)).map_err(anyhow::Error::msg)?;
+    let traces = telemetry::init(log_format, "warn", Some(&config.telemetry)).map_err(anyhow::Error::msg)?;
     let topics = collect_topics(&args)?;
     if args.metrics_addr.is_some() {
         telemetry::install_metrics(args.metrics_addr).map_err(anyhow::Error::msg)?;
         telemetry::describe_metrics();
         telemetry::spawn_process_metrics();
+        if traces.is_some() {
+            scriptorium::traces::describe_metrics();
+        }
     }
     let files = match &args.out {
         Some(dir) => Some(FileMirror::new(dir).with_context(|| format!("cannot create {}", dir.display()))?),
