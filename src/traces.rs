@@ -149,11 +149,27 @@ impl QueueProcessor {
     }
 
     fn control(&self, make: impl FnOnce(SyncSender<()>) -> Msg, timeout: Duration) -> OTelSdkResult {
+        let deadline = Instant::now() + timeout;
         let (done_tx, done_rx) = mpsc::sync_channel(1);
-        // Blocking send: control messages wait behind queued spans, which
-        // is what a flush means; bounded by the worker's export timeout.
-        self.tx.send(make(done_tx)).map_err(|_| OTelSdkError::AlreadyShutdown)?;
-        done_rx.recv_timeout(timeout).map_err(|_| OTelSdkError::Timeout(timeout))
+        // Control messages queue behind the spans (that is what a flush
+        // means), and waiting for room is bounded by `timeout` too.
+        let mut msg = make(done_tx);
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Disconnected(_)) => return Err(OTelSdkError::AlreadyShutdown),
+                Err(TrySendError::Full(back)) => {
+                    if Instant::now() >= deadline {
+                        return Err(OTelSdkError::Timeout(timeout));
+                    }
+                    msg = back;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        done_rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .map_err(|_| OTelSdkError::Timeout(timeout))
     }
 }
 
