@@ -1,6 +1,6 @@
-//! Configuration: the typed `Config`, loading it from `config/scriptorium.toml`
-//! (or `--config` / `SCRIPTORIUM_CONFIG`), and `SCRIPTORIUM_<SECTION>__<KEY>`
-//! environment overrides.
+//! Configuration: the typed `Config`, loading it from a TOML file (which
+//! file is `paths::find_config`'s business), and
+//! `SCRIPTORIUM_<SECTION>__<KEY>` environment overrides.
 //!
 //! Owns: every tunable and its default, and the startup validation that names
 //! the offending key. Must not: read secrets into the struct (the API key is
@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 
 /// Prefix of environment overrides, e.g. `SCRIPTORIUM_LLM__PROVIDER`.
 pub const ENV_PREFIX: &str = "SCRIPTORIUM_";
-/// Where `Config::load` looks when no path is given.
-pub const DEFAULT_CONFIG_PATH: &str = "config/scriptorium.toml";
+/// The documented default config (`scriptorium config init` writes it; a
+/// test checks it matches the built-in defaults).
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/scriptorium.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -41,6 +42,7 @@ pub struct Config {
     pub workflow: WorkflowConfig,
     pub daemon: DaemonConfig,
     pub chaos: ChaosConfig,
+    pub telemetry: TelemetryConfig,
     pub prompts: PromptsConfig,
     /// Workflow kinds by name (`article`, `tutorial`, …).
     pub kinds: BTreeMap<String, KindConfig>,
@@ -207,8 +209,9 @@ impl Default for WorkflowConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DaemonConfig {
+    /// Empty means the XDG state directory (`paths::Layout`).
     pub data_dir: PathBuf,
-    /// Unix socket path; empty means `<data_dir>/scriptorium.sock`.
+    /// Unix socket path; empty means `paths::Layout`'s choice.
     pub socket: PathBuf,
     /// Optional TCP listener (`host:port`); empty disables it.
     pub tcp: String,
@@ -223,7 +226,7 @@ pub struct DaemonConfig {
 impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
-            data_dir: PathBuf::from("data"),
+            data_dir: PathBuf::new(),
             socket: PathBuf::new(),
             tcp: String::new(),
             metrics_addr: "127.0.0.1:9464".into(),
@@ -234,22 +237,45 @@ impl Default for DaemonConfig {
     }
 }
 
-impl DaemonConfig {
-    pub fn socket_path(&self) -> PathBuf {
-        if self.socket.as_os_str().is_empty() {
-            self.data_dir.join("scriptorium.sock")
-        } else {
-            self.socket.clone()
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct ChaosConfig {
     /// Share of stage-actor messages whose handler panics (0 = off).
     pub actor_panic_rate: f64,
     pub seed: u64,
+}
+
+/// Traces over OTLP/HTTP. Off unless an endpoint is set here (or in
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Base URL of an OTLP/HTTP receiver, e.g. `http://127.0.0.1:4318`;
+    /// spans go to `<endpoint>/v1/traces`. Empty: off, unless
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+    pub otlp_endpoint: String,
+    /// Put prompts and model answers on model-call spans. Off: spans carry
+    /// only sizes, token counts and outcomes.
+    pub capture_content: bool,
+    /// `service.name` of the exported resource.
+    pub service_name: String,
+    /// Spans waiting for export; past this, new spans are dropped (and
+    /// counted) so exporting never slows a topic.
+    pub max_queued_spans: usize,
+    /// Upper bound on one export request.
+    pub export_timeout_s: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            capture_content: false,
+            service_name: "scriptorium".into(),
+            max_queued_spans: 2048,
+            export_timeout_s: 10.0,
+        }
+    }
 }
 
 /// Prompt templates. `{placeholders}` are filled by `workflow::prompts`.
@@ -310,23 +336,14 @@ impl Default for KindConfig {
 }
 
 impl Config {
-    /// Loads the config file (explicit path, else `SCRIPTORIUM_CONFIG`, else
-    /// `config/scriptorium.toml` when it exists, else built-in defaults),
-    /// applies environment overrides and validates.
+    /// Loads the given file (or the built-in defaults for `None`), applies
+    /// the process's environment overrides and validates. Which file to
+    /// read is `paths::find_config`'s decision.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let env: Vec<(String, String)> = std::env::vars().collect();
-        let explicit =
-            path.map(Path::to_path_buf).or_else(|| std::env::var_os("SCRIPTORIUM_CONFIG").map(PathBuf::from));
-        let (table, source) = match explicit {
-            Some(p) => (read_table(&p)?, p),
-            None => {
-                let p = PathBuf::from(DEFAULT_CONFIG_PATH);
-                if p.exists() {
-                    (read_table(&p)?, p)
-                } else {
-                    (toml::Table::new(), PathBuf::from("<defaults>"))
-                }
-            }
+        let (table, source) = match path {
+            Some(p) => (read_table(p)?, p.to_path_buf()),
+            None => (toml::Table::new(), PathBuf::from("<defaults>")),
         };
         Self::from_table(table, &env, &source)
     }
@@ -342,7 +359,9 @@ impl Config {
         Self::from_table(table, env, &source)
     }
 
-    fn from_table(mut table: toml::Table, env: &[(String, String)], source: &Path) -> Result<Config, ConfigError> {
+    /// A parsed file plus overrides (`config show` reads the file once and
+    /// reports where each value came from).
+    pub fn from_table(mut table: toml::Table, env: &[(String, String)], source: &Path) -> Result<Config, ConfigError> {
         apply_env_overrides(&mut table, env)?;
         let de = toml::Value::Table(table);
         let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -427,6 +446,14 @@ impl Config {
             ));
         }
         positive("daemon.shutdown_grace_s", self.daemon.shutdown_grace_s)?;
+        positive("telemetry.export_timeout_s", self.telemetry.export_timeout_s)?;
+        if self.telemetry.max_queued_spans == 0 {
+            return Err(invalid("telemetry.max_queued_spans", "must be at least 1"));
+        }
+        let ep = self.telemetry.otlp_endpoint.trim();
+        if !(ep.is_empty() || ep.starts_with("http://") || ep.starts_with("https://")) {
+            return Err(invalid("telemetry.otlp_endpoint", "must be empty or start with http:// or https://"));
+        }
         if self.daemon.max_connections == 0 {
             return Err(invalid("daemon.max_connections", "must be at least 1"));
         }
@@ -466,13 +493,26 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
+/// Reads and parses one TOML file.
+pub fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
     let text =
         std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
     text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
         path: path.to_path_buf(),
         message: one_line(&e.to_string()),
     })
+}
+
+/// The dotted keys the environment overrides, each with its variable
+/// (`("llm.model", "SCRIPTORIUM_LLM__MODEL")`).
+pub fn override_keys(env: &[(String, String)]) -> Vec<(String, String)> {
+    env.iter()
+        .filter_map(|(name, _)| {
+            let rest = name.strip_prefix(ENV_PREFIX)?;
+            rest.contains("__")
+                .then(|| (rest.split("__").map(str::to_ascii_lowercase).collect::<Vec<_>>().join("."), name.clone()))
+        })
+        .collect()
 }
 
 /// `SCRIPTORIUM_LLM__SIMULATED__LATENCY_MS=5` sets `llm.simulated.latency_ms`.
@@ -575,9 +615,7 @@ mod tests {
 
     #[test]
     fn shipped_config_file_is_valid_and_matches_defaults() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/scriptorium.toml");
-        let text = std::fs::read_to_string(path).unwrap();
-        let file = Config::from_toml_str(&text, &[]).unwrap();
+        let file = Config::from_toml_str(DEFAULT_CONFIG_TOML, &[]).unwrap();
         let defaults = Config::from_toml_str("", &[]).unwrap();
         // The commented file documents the built-in defaults.
         assert_eq!(toml::to_string(&file).unwrap(), toml::to_string(&defaults).unwrap());

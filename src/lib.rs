@@ -10,11 +10,13 @@ pub mod engine;
 pub mod events;
 pub mod fake_openai;
 pub mod llm;
+pub mod paths;
 pub mod queue;
 pub mod server;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod traces;
 pub mod workflow;
 
 pub use engine::{EngineError, EngineOptions, Scriptorium, SubmitReceipt, SubmitRequest};

@@ -1,22 +1,38 @@
-//! The `scriptorium` command line: `run` (in-process), `daemon`, and the
-//! socket client commands. Parsing and printing only; the work is in the
-//! library.
+//! The `scriptorium` command line: `run` (in-process), `daemon`, the
+//! socket client commands, `config`, `completions` and `man`. Parsing and
+//! printing only; the work is in the library.
+//!
+//! Exit codes (README "Exit codes"): 0 success; 1 a topic failed or the
+//! daemon answered an error; 2 usage (clap's, or no topics); 3 config
+//! (bad file, key or value; no state directory); 4 runtime (I/O, store,
+//! engine, supervision); 5 cannot connect to the daemon.
 
 mod cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use scriptorium::telemetry::LogFormat;
+
+/// Exit codes: see the module doc.
+pub mod exit {
+    pub const USAGE: u8 = 2;
+    pub const CONFIG: u8 = 3;
+    pub const RUNTIME: u8 = 4;
+    pub const CONNECT: u8 = 5;
+}
 
 #[derive(Parser, Debug)]
 #[command(name = "scriptorium", version, about = "Turns topics into reviewed drafts with LLMs")]
 pub struct Cli {
-    /// Config file (default: config/scriptorium.toml, or SCRIPTORIUM_CONFIG).
+    /// Config file (else SCRIPTORIUM_CONFIG, ./config/scriptorium.toml,
+    /// $XDG_CONFIG_HOME/scriptorium/scriptorium.toml,
+    /// /etc/scriptorium/scriptorium.toml, built-in defaults).
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Daemon socket (default: SCRIPTORIUM_DAEMON__SOCKET, else the config's).
+    /// Daemon socket (else SCRIPTORIUM_DAEMON__SOCKET, else from the config:
+    /// $XDG_RUNTIME_DIR/scriptorium/scriptorium.sock by default).
     #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Log format on stderr.
@@ -36,6 +52,17 @@ pub enum Command {
     Bench(cli::bench::BenchArgs),
     /// Run the fake OpenAI server (loopback) for rehearsals and benchmarks.
     FakeOpenai(cli::fake::FakeArgs),
+    /// Write the default config, or show the effective one.
+    #[command(subcommand)]
+    Config(cli::config::ConfigCommand),
+    /// Print a shell completion script (e.g. `scriptorium completions bash
+    /// > /usr/share/bash-completion/completions/scriptorium`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) generated from these definitions.
+    Man,
     #[command(flatten)]
     Client(cli::client::ClientCommand),
 }
@@ -56,12 +83,28 @@ fn quiet_injected_panics() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "scriptorium", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: cannot write the man page: {e}");
+                    ExitCode::from(exit::RUNTIME)
+                }
+            };
+        }
+        _ => {}
+    }
     quiet_injected_panics();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::RUNTIME);
         }
     };
     let result = runtime.block_on(async move {
@@ -70,18 +113,38 @@ fn main() -> ExitCode {
             Command::Daemon(args) => cli::daemon::run(cli.config, cli.socket, cli.log_format, args).await,
             Command::Bench(args) => cli::bench::run(args).await,
             Command::FakeOpenai(args) => cli::fake::run(args).await,
+            Command::Config(cmd) => cli::config::run(cli.config, cmd),
             Command::Client(cmd) => cli::client::run(cli.config, cli.socket, cmd).await,
+            Command::Completions { .. } | Command::Man => Ok(ExitCode::SUCCESS),
         }
     });
     // Drivers still parked in the runtime must not delay exit.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    // Outside the runtime: the exporter thread sends what is queued.
+    scriptorium::traces::shutdown();
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", one_line(&format!("{e:#}")));
-            ExitCode::from(2)
+            ExitCode::from(exit_code_for(&e))
         }
     }
+}
+
+/// The documented exit code for an error, by the typed error in its chain.
+fn exit_code_for(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if cause.is::<scriptorium::config::ConfigError>() || cause.is::<scriptorium::paths::NoStateDir>() {
+            return exit::CONFIG;
+        }
+        if cause.is::<cli::client::ConnectError>() {
+            return exit::CONNECT;
+        }
+        if cause.is::<cli::UsageError>() {
+            return exit::USAGE;
+        }
+    }
+    exit::RUNTIME
 }
 
 fn one_line(s: &str) -> String {

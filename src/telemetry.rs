@@ -1,10 +1,11 @@
 //! Logging (tracing) and metrics (Prometheus exporter) setup.
 //!
-//! Owns: the subscriber format (`--log-format text|json`, `RUST_LOG`), the
-//! Prometheus recorder, its histogram buckets and the HELP text of every
-//! metric family (`docs/metrics.md` is the reference). Must not: put topic
-//! ids, topic text or any other unbounded value in a metric label, or log
-//! the API key.
+//! Owns: the subscriber (`--log-format text|json`, `RUST_LOG`, colour only
+//! on a terminal and never with `NO_COLOR`, the OTLP layer of `traces` when
+//! configured), the Prometheus recorder, its histogram buckets, the
+//! `process_*` collector and the HELP text of every metric family
+//! (`docs/metrics.md` is the reference). Must not: put topic ids, topic
+//! text or any other unbounded value in a metric label, or log the API key.
 //!
 //! Names are exported exactly as written at the call sites: the recorder is
 //! built without `with_recommended_naming`, so it neither appends `_total`
@@ -13,8 +14,14 @@
 
 use std::net::SocketAddr;
 
+use std::io::IsTerminal;
+
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::config::TelemetryConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -22,15 +29,51 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber, writing to stderr. `default_filter`
-/// applies when `RUST_LOG` is unset.
+/// Colour in text logs: only on a terminal, and never when `NO_COLOR` is
+/// set to anything non-empty (<https://no-color.org>).
+pub fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// Installs the global subscriber, writing to stderr, without traces.
+/// `default_filter` applies when `RUST_LOG` is unset.
 pub fn init_tracing(format: LogFormat, default_filter: &str) {
+    let _ = init(format, default_filter, None);
+}
+
+/// Installs the global subscriber: logs on stderr (`RUST_LOG`, else
+/// `default_filter`) and, when `telemetry` names an OTLP endpoint (or
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` does), the span exporter. Returns the
+/// traces URL when tracing is on. Call `traces::shutdown` at exit.
+pub fn init(
+    format: LogFormat,
+    default_filter: &str,
+    telemetry: Option<&TelemetryConfig>,
+) -> Result<Option<String>, String> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+    let colour = use_colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(colour);
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(true).boxed(),
     };
+    let env_endpoint = std::env::var(crate::traces::OTEL_ENDPOINT_ENV).ok();
+    let url = telemetry.and_then(|t| crate::traces::traces_url(t, env_endpoint.as_deref()));
+    let otel = match (telemetry, &url) {
+        (Some(t), Some(url)) => {
+            let tracer = crate::traces::start(t, url.clone())?;
+            // Our spans at every level (the per-attempt and model-call spans
+            // are debug), whatever RUST_LOG says for the terminal; events
+            // only from warn up, as span events.
+            let only_ours = tracing_subscriber::filter::filter_fn(|meta| {
+                meta.target().starts_with("scriptorium") && (meta.is_span() || *meta.level() <= tracing::Level::WARN)
+            });
+            Some(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(only_ours))
+        }
+        _ => None,
+    };
+    let _ = tracing_subscriber::registry().with(fmt.with_filter(filter)).with(otel).try_init();
+    Ok(url)
 }
 
 /// Seconds buckets for model calls and steps (sub-second to minutes).
@@ -207,4 +250,35 @@ pub fn describe_metrics() {
     // Also set by `Scriptorium::start`; here too so the family exists even
     // when the recorder was installed after the engine started.
     metrics::gauge!("scriptorium_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// How often `process_*` metrics are refreshed.
+const PROCESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Starts the periodic `process_*` collector (CPU seconds, resident and
+/// virtual memory, open and max fds, threads, start time) on the current
+/// runtime. Independent of the metrics listener: it only writes to the
+/// recorder, so install the recorder first.
+pub fn spawn_process_metrics() -> tokio::task::JoinHandle<()> {
+    let collector = metrics_process::Collector::default();
+    collector.describe();
+    tokio::spawn(async move {
+        loop {
+            // Reads /proc: a few small files, well under a millisecond.
+            collector.collect();
+            tokio::time::sleep(PROCESS_INTERVAL).await;
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn colour_only_on_a_terminal_and_never_with_no_color() {
+        use std::ffi::OsStr;
+        assert!(super::use_colour(true, None));
+        assert!(super::use_colour(true, Some(OsStr::new(""))), "an empty NO_COLOR does not count");
+        assert!(!super::use_colour(true, Some(OsStr::new("1"))));
+        assert!(!super::use_colour(false, None));
+    }
 }

@@ -99,6 +99,11 @@ fn is_operation(v: &str) -> bool {
     v == "chat"
 }
 
+/// Labels a family carries only on some series: (family, label, check).
+/// The GenAI conventions put `error.type` on failed calls only.
+const OPTIONAL_LABELS: &[(&str, LabelRule)] =
+    &[("gen_ai_client_operation_duration_seconds", ("error_type", is_reason))];
+
 const FAMILIES: &[Family] = &[
     Family { name: "scriptorium_topics_submitted_total", kind: "counter", labels: &[] },
     Family { name: "scriptorium_topics_finished_total", kind: "counter", labels: &[("outcome", is_outcome)] },
@@ -140,13 +145,31 @@ const FAMILIES: &[Family] = &[
     Family {
         name: "gen_ai_client_token_usage",
         kind: "histogram",
-        labels: &[("gen_ai_token_type", is_direction), ("gen_ai_request_model", is_model)],
+        labels: &[
+            ("gen_ai_provider_name", is_provider),
+            ("gen_ai_operation_name", is_operation),
+            ("gen_ai_token_type", is_direction),
+            ("gen_ai_request_model", is_model),
+        ],
     },
     Family {
         name: "gen_ai_client_operation_duration_seconds",
         kind: "histogram",
-        labels: &[("gen_ai_request_model", is_model), ("gen_ai_operation_name", is_operation)],
+        labels: &[
+            ("gen_ai_provider_name", is_provider),
+            ("gen_ai_request_model", is_model),
+            ("gen_ai_operation_name", is_operation),
+        ],
     },
+    // `telemetry::spawn_process_metrics` (metrics-process).
+    Family { name: "process_cpu_seconds_total", kind: "counter", labels: &[] },
+    Family { name: "process_open_fds", kind: "gauge", labels: &[] },
+    Family { name: "process_max_fds", kind: "gauge", labels: &[] },
+    Family { name: "process_virtual_memory_bytes", kind: "gauge", labels: &[] },
+    Family { name: "process_virtual_memory_max_bytes", kind: "gauge", labels: &[] },
+    Family { name: "process_resident_memory_bytes", kind: "gauge", labels: &[] },
+    Family { name: "process_start_time_seconds", kind: "gauge", labels: &[] },
+    Family { name: "process_threads", kind: "gauge", labels: &[] },
 ];
 
 // ---- the exposition format ------------------------------------------------
@@ -377,7 +400,8 @@ fn check_families(scrape: &Scrape) {
             if key == "le" && histogram_part == "_bucket" {
                 continue;
             }
-            let check = family.labels.iter().find(|(k, _)| k == key).unwrap_or_else(|| {
+            let optional = OPTIONAL_LABELS.iter().filter(|(f, _)| *f == family.name).map(|(_, rule)| rule);
+            let check = family.labels.iter().chain(optional).find(|(k, _)| k == key).unwrap_or_else(|| {
                 panic!("{}: unexpected label `{key}` (value `{value}`)", sample.name);
             });
             assert!((check.1)(value), "{}: label {key}=\"{value}\" is not a documented value", sample.name);
@@ -442,8 +466,8 @@ fn dashboard_queries(dashboard: &Value) -> Vec<(String, String)> {
             for target in panel["targets"].as_array().into_iter().flatten() {
                 let expr = target["expr"].as_str().unwrap_or_else(|| panic!("{title}: a target without expr"));
                 assert_eq!(
-                    target["datasource"]["uid"], "${DS_PROMETHEUS}",
-                    "{title}: targets must use the DS_PROMETHEUS input"
+                    target["datasource"]["uid"], "${datasource}",
+                    "{title}: targets must use the `datasource` template variable"
                 );
                 let expr = expr
                     .replace("$__rate_interval", "1m")
@@ -462,10 +486,35 @@ fn dashboard_queries(dashboard: &Value) -> Vec<(String, String)> {
 
 fn check_dashboard_shape(dashboard: &Value) {
     assert!(dashboard["schemaVersion"].as_u64().unwrap() >= 36);
-    let inputs = dashboard["__inputs"].as_array().expect("__inputs");
-    assert!(inputs.iter().any(|i| i["name"] == "DS_PROMETHEUS" && i["pluginId"] == "prometheus"));
+    // File provisioning leaves `__inputs` unresolved: the data source is a
+    // template variable instead, and every panel and variable uses it.
+    assert!(dashboard.get("__inputs").is_none(), "__inputs only works for a UI import");
+    let vars = dashboard["templating"]["list"].as_array().expect("templating");
+    assert!(
+        vars.iter().any(|v| v["name"] == "datasource" && v["type"] == "datasource" && v["query"] == "prometheus"),
+        "no `datasource` template variable of type prometheus"
+    );
     let text = dashboard.to_string();
+    assert!(!text.contains("DS_PROMETHEUS"), "a leftover ${{DS_PROMETHEUS}}");
     assert!(!text.contains("\"uid\":\"prometheus\""), "hard-coded datasource uid");
+    fn uses_variable(v: &Value, path: &str) {
+        match v {
+            Value::Object(map) => {
+                if let Some(ds) = map.get("datasource").filter(|d| d.is_object()) {
+                    let builtin = ds["uid"] == "-- Grafana --";
+                    assert!(builtin || ds["uid"] == "${datasource}", "{path}: datasource {ds} is not ${{datasource}}");
+                }
+                for (k, child) in map {
+                    uses_variable(child, &format!("{path}.{k}"));
+                }
+            }
+            Value::Array(items) => {
+                items.iter().enumerate().for_each(|(i, c)| uses_variable(c, &format!("{path}[{i}]")))
+            }
+            _ => {}
+        }
+    }
+    uses_variable(dashboard, "dashboard");
     let rows: Vec<String> = dashboard["panels"]
         .as_array()
         .unwrap()
@@ -531,9 +580,14 @@ fn alert_unit_tests(alerts: &Path, exprs: &BTreeMap<String, String>) -> String {
         (r#"scriptorium_rate_limiter_paused{instance="paused",job="scriptorium"}"#, "1x60"),
         (r#"scriptorium_actor_restarts_total{instance="restarting",job="scriptorium",actor="writer"}"#, "0+5x60"),
         (r#"scriptorium_topics_awaiting_approval{instance="waiting",job="scriptorium"}"#, "2x60"),
+        // scrapes: one target answering, one not
+        (r#"up{instance="ok",job="scriptorium"}"#, "1x60"),
+        (r#"up{instance="unreachable",job="scriptorium"}"#, "0x60"),
+        (r#"up{instance="other",job="node"}"#, "0x60"),
     ];
     let expected: &[(&str, &[&str])] = &[
         ("ScriptoriumDown", &[]),
+        ("ScriptoriumTargetDown", &["unreachable"]),
         ("ScriptoriumTopicFailureRatioHigh", &["failing"]),
         ("ScriptoriumTopicsStuckAwaitingApproval", &["waiting"]),
         ("ScriptoriumRateLimiterPausedLong", &["paused"]),
@@ -589,6 +643,7 @@ async fn metrics_dashboard_and_alerts_against_a_live_engine_and_prometheus() {
     let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     scriptorium::telemetry::install_metrics(Some(metrics_addr)).expect("install the recorder");
     scriptorium::telemetry::describe_metrics();
+    let _process = scriptorium::telemetry::spawn_process_metrics();
     let config = Config::from_toml_str(CONFIG, &[]).expect("config");
     let engine = Scriptorium::start(config, EngineOptions::default()).await.expect("engine");
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
@@ -648,6 +703,25 @@ async fn metrics_dashboard_and_alerts_against_a_live_engine_and_prometheus() {
     let calls = s.sum("scriptorium_llm_requests_total");
     assert_eq!(s.sum("scriptorium_llm_request_duration_seconds_count"), calls, "one duration per model call");
     assert_eq!(s.sum("gen_ai_client_operation_duration_seconds_count"), calls);
+    // Failed calls carry error_type (the classified reason), answered ones do not.
+    let failed_calls = calls - s.sum_where("scriptorium_llm_requests_total", "status", "200");
+    let with_error: f64 = s
+        .series("gen_ai_client_operation_duration_seconds_count")
+        .filter(|x| x.labels.contains_key("error_type"))
+        .map(|x| x.value)
+        .sum();
+    assert!(failed_calls > 0.0);
+    assert_eq!(with_error, failed_calls, "one error_type observation per failed call");
+    assert_eq!(
+        s.values_of("gen_ai_client_operation_duration_seconds_count", "gen_ai_provider_name"),
+        BTreeSet::from(["simulated".to_string()])
+    );
+    // process_* from the collector: this process, plausibly.
+    assert!(s.single("process_resident_memory_bytes") > 1e6, "RSS");
+    assert!(s.single("process_open_fds") >= 3.0, "open fds");
+    let start = s.single("process_start_time_seconds");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!(start > now - 3600.0 && start <= now + 1.0, "start time {start} vs now {now}");
     let ok_calls = s.sum_where("scriptorium_llm_requests_total", "status", "200");
     assert_eq!(s.sum("gen_ai_client_token_usage_count"), 2.0 * ok_calls, "input and output per answered call");
     assert!(s.sum_where("scriptorium_llm_tokens_total", "direction", "input") > 0.0);
@@ -780,7 +854,7 @@ async fn metrics_dashboard_and_alerts_against_a_live_engine_and_prometheus() {
         }
     }
     // Template variables: `label_values(metric, label)` must find values.
-    for var in dashboard["templating"]["list"].as_array().into_iter().flatten() {
+    for var in dashboard["templating"]["list"].as_array().into_iter().flatten().filter(|v| v["type"] != "datasource") {
         let query = var["query"].as_str().unwrap_or_else(|| panic!("variable {}: query", var["name"]));
         let inner = query.strip_prefix("label_values(").and_then(|q| q.strip_suffix(')')).expect("label_values");
         let (metric, label) = inner.split_once(',').expect("label_values(metric, label)");
@@ -812,9 +886,11 @@ async fn metrics_dashboard_and_alerts_against_a_live_engine_and_prometheus() {
         assert!(rule["annotations"]["description"].is_string(), "{name}: no description");
         prom_query(&client, &base, rule["query"].as_str().unwrap()).await;
     }
-    // The daemon is up, so the "down" alert's expression is empty.
-    let down = loaded.iter().find(|r| r["name"] == "ScriptoriumDown").expect("ScriptoriumDown rule");
-    assert_eq!(prom_query(&client, &base, down["query"].as_str().unwrap()).await, Value::Array(vec![]));
+    // The daemon is up, so the "down" alerts' expressions are empty.
+    for name in ["ScriptoriumDown", "ScriptoriumTargetDown"] {
+        let down = loaded.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("no {name} rule"));
+        assert_eq!(prom_query(&client, &base, down["query"].as_str().unwrap()).await, Value::Array(vec![]), "{name}");
+    }
     // And each rule's expression fires on the situation it is named after,
     // and only there (promtool's rule unit tests over synthetic series).
     let exprs: BTreeMap<String, String> = loaded

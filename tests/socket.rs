@@ -770,7 +770,7 @@ async fn cli_client_commands() {
 
     let missing = d.path.with_file_name("nobody.sock");
     let (code, _, err) = cli(&missing, &["health"]).await;
-    assert_eq!(code, 2);
+    assert_eq!(code, 5, "cannot connect: exit 5 (README, Exit codes)");
     assert!(
         err.contains("cannot connect to the daemon at") && err.contains("is `scriptorium daemon` running?"),
         "{err}"

@@ -257,7 +257,7 @@ impl StagePools {
             );
         }
         let started = Instant::now();
-        let message = AttemptJob { job, attempt, cancel: cancel.clone() };
+        let message = AttemptJob { job, attempt, cancel: cancel.clone(), span: tracing::Span::current() };
         let backstop = self.step_timeout.saturating_mul(3).saturating_add(Duration::from_secs(1));
         let call = pool
             .factory

@@ -20,6 +20,7 @@ use ractor::factory::{FactoryMessage, Job, Worker, WorkerId};
 use ractor::{ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::Services;
 use crate::llm::retry::{Attempt, AttemptOutcome};
@@ -59,6 +60,9 @@ pub struct AttemptJob<S: Stage> {
     pub attempt: Attempt,
     /// The topic's cancellation: drops the limiter wait or the request.
     pub cancel: CancellationToken,
+    /// The caller's step span: the worker runs the attempt inside it, so
+    /// traces nest topic → step → attempt → model call across the hop.
+    pub span: tracing::Span,
 }
 
 /// The one message type of a stage's workers: `StageMsg<WriteStage>` is
@@ -303,8 +307,8 @@ impl<S: Stage> Worker for StageWorker<S> {
         Job { msg, key, .. }: Job<(), StageMsg<S>>,
         services: &mut Arc<Services>,
     ) -> Result<(), ActorProcessingErr> {
-        let StageMsg::Run(AttemptJob { job, attempt, cancel }, reply) = msg;
-        let outcome = run_attempt::<S>(services, &job, &attempt, &cancel).await;
+        let StageMsg::Run(AttemptJob { job, attempt, cancel, span }, reply) = msg;
+        let outcome = run_attempt::<S>(services, &job, &attempt, &cancel).instrument(span).await;
         // The caller may have given up (cancelled topic); nothing to do.
         let _ = reply.send(outcome);
         Ok(key)

@@ -8,8 +8,9 @@
 //! store or the engine directly; everything goes through the socket.
 //!
 //! Exit codes: 0 success; 1 the daemon answered an error (printed as
-//! `error: <code>: <message>`) or a topic ended failed/cancelled; 2 the
-//! command could not run (no daemon, bad arguments, I/O).
+//! `error: <code>: <message>`) or a topic ended failed/cancelled; 2 bad
+//! arguments; 3 the config could not be loaded; 4 I/O during the exchange;
+//! 5 no daemon answers at the socket (`ConnectError`).
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -17,7 +18,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use scriptorium::config::Config;
 use scriptorium::events::TopicEvent;
 use scriptorium::server::protocol::{
     ends_watch, ApproveParams, HealthBody, IdParams, ListBody, ListParams, RejectParams, Request, ResultBody,
@@ -201,8 +201,8 @@ pub async fn run(config: Option<PathBuf>, socket: Option<PathBuf>, cmd: ClientCo
     }
 }
 
-/// `--socket`, else `SCRIPTORIUM_DAEMON__SOCKET`, else the config's
-/// `daemon.socket_path()`.
+/// `--socket`, else `SCRIPTORIUM_DAEMON__SOCKET`, else where the daemon
+/// puts it with the same config and environment (`paths::Layout`).
 fn socket_path(config: Option<PathBuf>, socket: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(s) = socket {
         return Ok(s);
@@ -210,10 +210,17 @@ fn socket_path(config: Option<PathBuf>, socket: Option<PathBuf>) -> anyhow::Resu
     if let Some(s) = std::env::var_os(SOCKET_ENV).filter(|s| !s.is_empty()) {
         return Ok(PathBuf::from(s));
     }
-    let config = Config::load(config.as_deref())
+    let (config, _) = super::load_config(config.as_deref())
         .context("cannot load the config to find the daemon's socket (or pass --socket PATH)")?;
-    Ok(config.daemon.socket_path())
+    let layout = scriptorium::paths::Layout::resolve(&config.daemon, &scriptorium::paths::PathEnv::from_process())
+        .context("cannot find the daemon's socket (or pass --socket PATH)")?;
+    Ok(layout.socket)
 }
+
+/// No daemon answered at the socket: exit code 5.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConnectError(String);
 
 async fn execute(path: &Path, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
     let mut client = Client::connect(path).await?;
@@ -302,13 +309,20 @@ impl Client {
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(path)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                bail!("cannot connect to the daemon at {} (is `scriptorium daemon` running?): {e}", path.display())
+                return Err(ConnectError(format!(
+                    "cannot connect to the daemon at {} (is `scriptorium daemon` running?): {e}",
+                    path.display()
+                ))
+                .into())
             }
-            Err(_) => bail!(
-                "cannot connect to the daemon at {}: no answer within {}s (is it overloaded?)",
-                path.display(),
-                CONNECT_TIMEOUT.as_secs()
-            ),
+            Err(_) => {
+                return Err(ConnectError(format!(
+                    "cannot connect to the daemon at {}: no answer within {}s (is it overloaded?)",
+                    path.display(),
+                    CONNECT_TIMEOUT.as_secs()
+                ))
+                .into())
+            }
         };
         let (rd, wr) = stream.into_split();
         Ok(Client { reader: BufReader::new(rd), writer: wr, line: Vec::new(), json: false })
@@ -399,7 +413,9 @@ fn collect_topics(args: &SubmitArgs) -> anyhow::Result<Vec<String>> {
     }
     if topics.is_empty() && args.file.is_none() {
         if std::io::stdin().is_terminal() {
-            bail!("no topics: pass them as arguments, with --file FILE, or on stdin");
+            return Err(
+                super::UsageError("no topics: pass them as arguments, with --file FILE, or on stdin".into()).into()
+            );
         }
         let mut text = String::new();
         for line in std::io::stdin().lock().lines() {
@@ -409,7 +425,7 @@ fn collect_topics(args: &SubmitArgs) -> anyhow::Result<Vec<String>> {
         topics.extend(super::run::parse_topic_lines(&text));
     }
     if topics.is_empty() {
-        bail!("no topics to submit");
+        return Err(super::UsageError("no topics to submit".into()).into());
     }
     Ok(topics)
 }

@@ -1,8 +1,11 @@
 //! `scriptorium daemon`: opens the store, starts the engine (which resumes
 //! unfinished topics), binds the socket(s) and the metrics endpoint, logs one
-//! line when ready, and drains on SIGTERM/SIGINT within
-//! `daemon.shutdown_grace_s`. Exit 0 after a clean drain; non-zero when
-//! supervision escalated.
+//! line and tells systemd `READY=1` when the socket accepts, and drains on
+//! SIGTERM/SIGINT (`STOPPING=1`) within `daemon.shutdown_grace_s`. Exit 0
+//! after a clean drain; 4 when supervision escalated.
+//!
+//! Paths come from `paths::Layout`: the XDG state dir and runtime dir unless
+//! the config names them; nothing is created in the working directory.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use scriptorium::config::Config;
+use scriptorium::paths::{self, Layout, PathEnv};
 use scriptorium::server::{self, ServerOptions};
 use scriptorium::store::files::FileMirror;
 use scriptorium::store::sqlite::SqliteStore;
@@ -20,6 +23,8 @@ use scriptorium::telemetry::{self, LogFormat};
 use scriptorium::{EngineOptions, Scriptorium};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
+
+use super::sd_notify;
 
 #[derive(clap::Args, Debug)]
 pub struct DaemonArgs {
@@ -42,23 +47,32 @@ pub async fn run(
     log_format: LogFormat,
     args: DaemonArgs,
 ) -> anyhow::Result<ExitCode> {
-    telemetry::init_tracing(log_format, "info");
-    let config = Config::load(config_path.as_deref())?;
-    let data_dir = config.daemon.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
-    let socket_path = socket.unwrap_or_else(|| config.daemon.socket_path());
+    let (config, source) = super::load_config(config_path.as_deref())?;
+    let traces = telemetry::init(log_format, "info", Some(&config.telemetry)).map_err(anyhow::Error::msg)?;
+    let layout = Layout::resolve(&config.daemon, &PathEnv::from_process())?;
+    let data_dir = layout.state_dir.clone();
+    paths::create_private_dir(&data_dir).with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
+    let socket_path = socket.unwrap_or_else(|| layout.socket.clone());
+    if let Some(dir) = socket_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        paths::create_private_dir(dir)
+            .with_context(|| format!("cannot create the socket's directory {}", dir.display()))?;
+    }
 
     let metrics_addr =
         parse_addr("daemon.metrics_addr", args.metrics_addr.as_deref().unwrap_or(&config.daemon.metrics_addr))?;
     if let Some(addr) = metrics_addr {
         telemetry::install_metrics(Some(addr)).map_err(anyhow::Error::msg)?;
         telemetry::describe_metrics();
+        telemetry::spawn_process_metrics();
+        if traces.is_some() {
+            scriptorium::traces::describe_metrics();
+        }
     }
     let tcp_addr = parse_addr("daemon.tcp", &config.daemon.tcp)?;
 
-    let db_path = data_dir.join("scriptorium.db");
+    let db_path = layout.database();
     let store: Arc<dyn TopicStore> = Arc::new(SqliteStore::open(&db_path)?);
-    let files = if config.daemon.topic_files { Some(FileMirror::new(data_dir.join("topics"))?) } else { None };
+    let files = if config.daemon.topic_files { Some(FileMirror::new(layout.topics_dir())?) } else { None };
     let grace = Duration::from_secs_f64(config.daemon.shutdown_grace_s);
     let max_connections = config.daemon.max_connections;
 
@@ -104,13 +118,19 @@ pub async fn run(
     }
     tracing::info!(
         socket = %socket_path.display(),
+        state_dir = %data_dir.display(),
+        config = %source.describe(),
         tcp = ?tcp_addr,
         metrics = ?metrics_addr,
+        traces = traces.as_deref().unwrap_or("off"),
         provider = engine.provider_name(),
         "scriptorium daemon ready"
     );
+    // The listeners are bound (so connections queue) and being served.
+    sd_notify::notify("READY=1");
 
     let escalated = wait_for_stop(&engine).await?;
+    sd_notify::notify("STOPPING=1");
     tracing::info!(grace_s = grace.as_secs_f64(), "shutting down: no new topics; draining");
     let _ = stop_tx.send(true);
     for s in servers {

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use scriptorium::config::Config;
 use scriptorium::state::{TopicState, TopicStatus};
 use scriptorium::store::files::FileMirror;
 use scriptorium::store::sqlite::SqliteStore;
@@ -73,7 +72,9 @@ fn collect_topics(args: &RunArgs) -> anyhow::Result<Vec<String>> {
     }
     if topics.is_empty() && args.file.is_none() {
         if std::io::stdin().is_terminal() {
-            bail!("no topics: pass them as arguments, with --file FILE, or on stdin");
+            return Err(
+                super::UsageError("no topics: pass them as arguments, with --file FILE, or on stdin".into()).into()
+            );
         }
         let mut text = String::new();
         for line in std::io::stdin().lock().lines() {
@@ -83,18 +84,22 @@ fn collect_topics(args: &RunArgs) -> anyhow::Result<Vec<String>> {
         topics.extend(parse_topic_lines(&text));
     }
     if topics.is_empty() {
-        bail!("no topics to process");
+        return Err(super::UsageError("no topics to process".into()).into());
     }
     Ok(topics)
 }
 
 pub async fn run(config_path: Option<PathBuf>, log_format: LogFormat, args: RunArgs) -> anyhow::Result<ExitCode> {
-    telemetry::init_tracing(log_format, "warn");
-    let config = Config::load(config_path.as_deref())?;
+    let (config, _) = super::load_config(config_path.as_deref())?;
+    let traces = telemetry::init(log_format, "warn", Some(&config.telemetry)).map_err(anyhow::Error::msg)?;
     let topics = collect_topics(&args)?;
     if args.metrics_addr.is_some() {
         telemetry::install_metrics(args.metrics_addr).map_err(anyhow::Error::msg)?;
         telemetry::describe_metrics();
+        telemetry::spawn_process_metrics();
+        if traces.is_some() {
+            scriptorium::traces::describe_metrics();
+        }
     }
     let (files, store) = match &args.out {
         Some(dir) => {

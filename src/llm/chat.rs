@@ -158,5 +158,6 @@ fn parse_response(body: &str) -> Result<LlmReply, LlmError> {
             input_tokens: usage.prompt_tokens.unwrap_or(0),
             output_tokens: usage.completion_tokens.unwrap_or(0),
         },
+        finish_reason: choice.finish_reason,
     })
 }

@@ -11,6 +11,7 @@ pub mod limiter;
 pub mod openai;
 pub mod retry;
 pub mod simulated;
+pub mod traced;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -60,6 +61,9 @@ pub struct Usage {
 pub struct LlmReply {
     pub text: String,
     pub usage: Usage,
+    /// Why the model stopped (`stop`, `length`, …), as the provider said
+    /// it; `None` when it did not say.
+    pub finish_reason: Option<String>,
 }
 
 /// Small fixed set of failure reasons, used as metric label values and in
@@ -239,6 +243,11 @@ pub trait LlmProvider: Send + Sync + 'static {
 /// provider. Returns the provider and a one-line notice for stderr when the
 /// choice was automatic.
 pub fn build_provider(config: &Config) -> Result<(Arc<dyn LlmProvider>, Option<String>), LlmError> {
+    let (provider, notice) = build_untraced(config)?;
+    Ok((traced::TracedProvider::wrap(provider, config.telemetry.capture_content), notice))
+}
+
+fn build_untraced(config: &Config) -> Result<(Arc<dyn LlmProvider>, Option<String>), LlmError> {
     let key = std::env::var("OPENAI_API_KEY").ok().filter(|k| !k.trim().is_empty());
     let base_url = std::env::var("OPENAI_BASE_URL")
         .ok()

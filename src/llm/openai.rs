@@ -195,5 +195,8 @@ fn parse_response(body: &str, settings: &HttpSettings) -> Result<LlmReply, LlmEr
     Ok(LlmReply {
         text,
         usage: Usage { input_tokens: usage.input_tokens.unwrap_or(0), output_tokens: usage.output_tokens.unwrap_or(0) },
+        // Responses has a status, not a finish reason; a completed one
+        // stopped on its own (an `incomplete` one is an error above).
+        finish_reason: Some("stop".to_string()),
     })
 }

@@ -194,35 +194,47 @@ struct CallMetrics {
 impl CallMetrics {
     fn register(provider: &'static str, model: &str) -> CallMetrics {
         let model = model.to_string();
+        let op = super::traced::OPERATION;
         CallMetrics {
             ok: metrics::counter!("scriptorium_llm_requests_total", "provider" => provider, "status" => "200"),
             duration: metrics::histogram!("scriptorium_llm_request_duration_seconds", "provider" => provider),
             gen_ai_duration: metrics::histogram!(
                 "gen_ai_client_operation_duration_seconds",
+                "gen_ai_provider_name" => provider,
                 "gen_ai_request_model" => model.clone(),
-                "gen_ai_operation_name" => "chat"
+                "gen_ai_operation_name" => op
             ),
             input_tokens: metrics::counter!("scriptorium_llm_tokens_total", "direction" => "input"),
             output_tokens: metrics::counter!("scriptorium_llm_tokens_total", "direction" => "output"),
             gen_ai_input_tokens: metrics::histogram!(
                 "gen_ai_client_token_usage",
+                "gen_ai_provider_name" => provider,
+                "gen_ai_operation_name" => op,
                 "gen_ai_token_type" => "input",
                 "gen_ai_request_model" => model.clone()
             ),
             gen_ai_output_tokens: metrics::histogram!(
                 "gen_ai_client_token_usage",
+                "gen_ai_provider_name" => provider,
+                "gen_ai_operation_name" => op,
                 "gen_ai_token_type" => "output",
                 "gen_ai_request_model" => model
             ),
         }
     }
 
-    fn record(&self, provider: &'static str, result: &Result<super::LlmReply, LlmError>, elapsed: Duration) {
+    fn record(
+        &self,
+        provider: &'static str,
+        model: &str,
+        result: &Result<super::LlmReply, LlmError>,
+        elapsed: Duration,
+    ) {
         let seconds = elapsed.as_secs_f64();
         self.duration.record(seconds);
-        self.gen_ai_duration.record(seconds);
         match result {
             Ok(reply) => {
+                self.gen_ai_duration.record(seconds);
                 self.ok.increment(1);
                 self.input_tokens.increment(reply.usage.input_tokens);
                 self.output_tokens.increment(reply.usage.output_tokens);
@@ -230,6 +242,16 @@ impl CallMetrics {
                 self.gen_ai_output_tokens.record(reply.usage.output_tokens as f64);
             }
             Err(e) => {
+                // The GenAI conventions put failed calls in the same
+                // histogram with `error.type`: here the classified reason.
+                metrics::histogram!(
+                    "gen_ai_client_operation_duration_seconds",
+                    "gen_ai_provider_name" => provider,
+                    "gen_ai_request_model" => model.to_string(),
+                    "gen_ai_operation_name" => super::traced::OPERATION,
+                    "error_type" => e.reason().as_str()
+                )
+                .record(seconds);
                 let status = e.http_status().map_or("error", status_label);
                 metrics::counter!("scriptorium_llm_requests_total", "provider" => provider, "status" => status)
                     .increment(1);
@@ -302,7 +324,7 @@ impl StepCaller {
         };
         let elapsed = started.elapsed();
         if !matches!(result, Err(LlmError::Cancelled)) {
-            self.metrics.record(provider, &result, elapsed);
+            self.metrics.record(provider, self.provider.model(), &result, elapsed);
         }
         let mut usage = Usage::default();
         let result = result.and_then(|reply| {

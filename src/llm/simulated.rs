@@ -307,7 +307,7 @@ impl LlmProvider for SimulatedProvider {
                 input_tokens: ((request.instructions.len() + request.input.len()) / 4) as u64,
                 output_tokens: (text.len() / 4) as u64,
             };
-            Ok(LlmReply { text, usage })
+            Ok(LlmReply { text, usage, finish_reason: Some("stop".to_string()) })
         })
     }
 }
