@@ -204,14 +204,15 @@ impl TopicRunner {
             let before = st.status;
             st.apply(&record, at);
             let durable = self.store.as_ref().map(|s| s.append(&st, &record));
-            let mirror = self.files.as_ref().map(|_| st.clone());
+            // Numbered under the topic's lock: the file mirror keeps the newest.
+            let mirror = self.files.as_ref().map(|f| f.snapshot(&st));
             (durable, mirror, before, st.status, st.submitted_at_ms)
         };
         if let Some(f) = durable {
             f.await?;
         }
         if let (Some(files), Some(state)) = (&self.files, mirror) {
-            if let Err(e) = files.write(&state).await {
+            if let Err(e) = files.write(state).await {
                 tracing::warn!(topic_id = %live.ctx.id, error = %e, "could not write the topic's JSON file");
             }
         }

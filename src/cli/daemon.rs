@@ -1,8 +1,13 @@
-//! `scriptorium daemon`: opens the store, starts the engine (which resumes
-//! unfinished topics), binds the socket(s) and the metrics endpoint, logs one
-//! line when ready, and drains on SIGTERM/SIGINT within
-//! `daemon.shutdown_grace_s`. Exit 0 after a clean drain; non-zero when
-//! supervision escalated.
+//! `scriptorium daemon`: validates the whole config (addresses, provider
+//! settings) before touching the disk, raises the soft open-files limit,
+//! binds the metrics endpoint and the socket(s), opens the store, brings the
+//! topic files up to date with it, starts the engine (which resumes
+//! unfinished topics), logs one line when ready, and drains on
+//! SIGTERM/SIGINT within `daemon.shutdown_grace_s`. Exit 0 after a clean
+//! drain; non-zero when supervision escalated.
+//!
+//! Must not: create a file or directory before every check that can fail on
+//! config alone has passed.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,7 +18,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use scriptorium::config::Config;
 use scriptorium::server::{self, ServerOptions};
-use scriptorium::store::files::FileMirror;
+use scriptorium::store::files::{create_private_dir, FileMirror};
 use scriptorium::store::sqlite::SqliteStore;
 use scriptorium::store::TopicStore;
 use scriptorium::telemetry::{self, LogFormat};
@@ -33,7 +38,7 @@ fn parse_addr(key: &str, value: &str) -> anyhow::Result<Option<SocketAddr>> {
     if value.trim().is_empty() {
         return Ok(None);
     }
-    value.parse().map(Some).with_context(|| format!("{key}: `{value}` is not an address like 127.0.0.1:9464"))
+    value.trim().parse().map(Some).with_context(|| format!("{key}: `{value}` is not an address like 127.0.0.1:9464"))
 }
 
 pub async fn run(
@@ -43,28 +48,34 @@ pub async fn run(
     args: DaemonArgs,
 ) -> anyhow::Result<ExitCode> {
     telemetry::init_tracing(log_format, "info");
+    // Everything that can be checked is checked before anything touches the
+    // disk: a config error leaves no data dir, database or socket behind.
     let config = Config::load(config_path.as_deref())?;
-    let data_dir = config.daemon.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
-    let socket_path = socket.unwrap_or_else(|| config.daemon.socket_path());
-
     let metrics_addr =
         parse_addr("daemon.metrics_addr", args.metrics_addr.as_deref().unwrap_or(&config.daemon.metrics_addr))?;
-    if let Some(addr) = metrics_addr {
-        telemetry::install_metrics(Some(addr)).map_err(anyhow::Error::msg)?;
-        telemetry::describe_metrics();
-    }
     let tcp_addr = parse_addr("daemon.tcp", &config.daemon.tcp)?;
-
-    let db_path = data_dir.join("scriptorium.db");
-    let store: Arc<dyn TopicStore> = Arc::new(SqliteStore::open(&db_path)?);
-    let files = if config.daemon.topic_files { Some(FileMirror::new(data_dir.join("topics"))?) } else { None };
+    // Provider settings complete (an `openai` provider without a key, say):
+    // the engine builds its own provider later; this one only checks.
+    scriptorium::llm::build_provider(&config).map_err(|e| anyhow::anyhow!("{}", provider_error(e)))?;
+    let data_dir = config.daemon.data_dir.clone();
+    let socket_path = socket.unwrap_or_else(|| config.daemon.socket_path());
     let grace = Duration::from_secs_f64(config.daemon.shutdown_grace_s);
     let max_connections = config.daemon.max_connections;
 
-    // Bind before starting the engine: a second daemon on the same socket
-    // must fail before it touches the store's unfinished topics.
-    let unix = server::bind_unix(&socket_path).await?;
+    match telemetry::raise_open_files_limit() {
+        Ok((before, after)) => tracing::info!(before, after, "open files limit (soft) raised to the hard limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+    }
+
+    if let Some(addr) = metrics_addr {
+        let options = telemetry::MetricsServerOptions {
+            max_connections: config.daemon.metrics_max_connections,
+            header_timeout: Duration::from_secs_f64(config.daemon.metrics_header_timeout_s),
+            connection_timeout: Duration::from_secs_f64(config.daemon.metrics_connection_timeout_s),
+        };
+        telemetry::install_metrics_with(Some(addr), options).map_err(anyhow::Error::msg)?;
+        telemetry::describe_metrics();
+    }
     let tcp = match tcp_addr {
         Some(addr) => {
             if !addr.ip().is_loopback() {
@@ -75,8 +86,41 @@ pub async fn run(
         None => None,
     };
 
+    create_private_dir(&data_dir).with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
+    // Bind before opening the store: a second daemon on the same socket
+    // must fail before it touches the store's unfinished topics.
+    let unix = server::bind_unix(&socket_path).await?;
+
+    let db_path = data_dir.join("scriptorium.db");
+    let store: Arc<dyn TopicStore> = Arc::new(SqliteStore::open_with(&db_path, config.store.durability)?);
+    let files = if config.daemon.topic_files {
+        let files = FileMirror::new(data_dir.join("topics"))?;
+        // Before the engine runs anything: files a crash left behind the
+        // database (a commit not yet mirrored) are rewritten from it.
+        let r = files.reconcile(store.as_ref()).await?;
+        if r.rewritten > 0 || r.temp_removed > 0 {
+            tracing::info!(
+                checked = r.checked,
+                rewritten = r.rewritten,
+                temp_removed = r.temp_removed,
+                "topic files brought up to date with the database"
+            );
+        }
+        Some(files)
+    } else {
+        None
+    };
+
     let engine =
-        Scriptorium::start(config, EngineOptions { store: Some(store), files, ..EngineOptions::default() }).await?;
+        match Scriptorium::start(config, EngineOptions { store: Some(store), files, ..EngineOptions::default() }).await
+        {
+            Ok(engine) => engine,
+            Err(e) => {
+                // No socket file is left behind for clients to find.
+                server::remove_socket(&socket_path);
+                return Err(e.into());
+            }
+        };
     if let Some(notice) = engine.provider_notice() {
         eprintln!("{notice}");
     }
@@ -131,6 +175,15 @@ pub async fn run(
             tracing::info!("stopped");
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// The provider's own words, without the error class prefix: "fatal error:"
+/// would suggest a crash where the fix is a setting.
+fn provider_error(e: scriptorium::llm::LlmError) -> String {
+    match e {
+        scriptorium::llm::LlmError::Fatal { message, .. } => message,
+        other => other.to_string(),
     }
 }
 
