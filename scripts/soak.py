@@ -6,8 +6,8 @@ metrics scrapes, with RSS after each, to tell retention from a leak.
     cargo build --release
     python3 scripts/soak.py --minutes 10 --rate 2 --out soak.csv
 
-Prints one line per sample (elapsed s, RSS KiB, open fds, queued, running,
-completed, failed) and writes the same as CSV; then one line per flood round.
+Prints one line per sample (elapsed s, RSS KiB, anonymous RSS KiB, open fds,
+queued, running, completed, failed) and writes the same as CSV; then one line per flood round.
 Standard library only. The daemon runs in a temporary data dir and is stopped
 (SIGTERM) at the end; its exit code is reported.
 """
@@ -24,12 +24,22 @@ import threading
 import time
 
 
-def rss_kib(pid):
+def status_kib(pid, field):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def rss_kib(pid):
+    return status_kib(pid, "VmRSS")
+
+
+def anon_kib(pid):
+    """Heap and stacks: what a leak would grow (RssFile is mapped files:
+    the binary's pages and SQLite's shared-memory index)."""
+    return status_kib(pid, "RssAnon")
 
 
 def open_fds(pid):
@@ -122,9 +132,9 @@ def main():
     submit = Client(sock_path)
     health = Client(sock_path)
     out = open(args.out, "w")
-    out.write("elapsed_s,rss_kib,fds,queued,running,completed,failed,submitted\n")
+    out.write("elapsed_s,rss_kib,anon_kib,fds,queued,running,completed,failed,submitted\n")
     print(f"# soak: {args.minutes} min, {args.rate} submits/s, latency {args.latency_ms}±{args.jitter_ms} ms, pid {daemon.pid}")
-    print(f"{'t (s)':>6} {'RSS KiB':>8} {'fds':>4} {'queued':>6} {'running':>7} {'done':>6} {'failed':>6}")
+    print(f"{'t (s)':>6} {'RSS KiB':>8} {'anon KiB':>8} {'fds':>4} {'queued':>6} {'running':>7} {'done':>6} {'failed':>6}")
     start = time.monotonic()
     next_sample = start
     submitted = 0
@@ -141,24 +151,28 @@ def main():
         if now >= next_sample:
             h = health.call({"op": "health"})
             counts = h.get("counts", {})
-            row = (int(now - start), rss_kib(daemon.pid), open_fds(daemon.pid), counts.get("queued", 0),
-                   counts.get("running", 0), counts.get("completed", 0), counts.get("failed", 0), submitted)
+            row = (int(now - start), rss_kib(daemon.pid), anon_kib(daemon.pid), open_fds(daemon.pid),
+                   counts.get("queued", 0), counts.get("running", 0), counts.get("completed", 0),
+                   counts.get("failed", 0), submitted)
             out.write(",".join(map(str, row)) + "\n")
             out.flush()
-            print(f"{row[0]:>6} {row[1]:>8} {row[2]:>4} {row[3]:>6} {row[4]:>7} {row[5]:>6} {row[6]:>6}", flush=True)
+            print(f"{row[0]:>6} {row[1]:>8} {row[2]:>8} {row[3]:>4} {row[4]:>6} {row[5]:>7} {row[6]:>6} {row[7]:>6}",
+                  flush=True)
             next_sample += 10
         time.sleep(0.02)
 
     # Let the last topics finish, then flood the metrics port.
     time.sleep(args.latency_ms / 1000 * 8)
-    print(f"# after the load: RSS {rss_kib(daemon.pid)} KiB, fds {open_fds(daemon.pid)}")
+    print(f"# after the load: RSS {rss_kib(daemon.pid)} KiB (anon {anon_kib(daemon.pid)}), fds {open_fds(daemon.pid)}")
     for round_ in range(1, args.floods + 1):
-        before = rss_kib(daemon.pid)
+        before, anon_before = rss_kib(daemon.pid), anon_kib(daemon.pid)
         t0 = time.monotonic()
         ok = flood(args.port, args.flood_size)
         took = time.monotonic() - t0
         time.sleep(6)  # one upkeep interval
-        print(f"flood {round_}: {ok}/{args.flood_size} scrapes ok in {took:.1f} s; RSS {before} -> {rss_kib(daemon.pid)} KiB, fds {open_fds(daemon.pid)}", flush=True)
+        print(f"flood {round_}: {ok}/{args.flood_size} scrapes ok in {took:.1f} s; "
+              f"RSS {before} -> {rss_kib(daemon.pid)} KiB (anon {anon_before} -> {anon_kib(daemon.pid)}), "
+              f"fds {open_fds(daemon.pid)}", flush=True)
 
     daemon.send_signal(signal.SIGTERM)
     code = daemon.wait(timeout=60)
