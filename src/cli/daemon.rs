@@ -23,7 +23,7 @@ use scriptorium::store::sqlite::SqliteStore;
 use scriptorium::store::TopicStore;
 use scriptorium::telemetry::{self, LogFormat};
 use scriptorium::{EngineOptions, Scriptorium};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 
 #[derive(clap::Args, Debug)]
@@ -48,6 +48,13 @@ pub async fn run(
     args: DaemonArgs,
 ) -> anyhow::Result<ExitCode> {
     telemetry::init_tracing(log_format, "info");
+    // Listening from the start: a SIGTERM that arrives once clients can
+    // connect (the socket is served before "ready" is logged) must drain,
+    // not kill the process with the default action.
+    let signals = (
+        signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+        signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+    );
     // Everything that can be checked is checked before anything touches the
     // disk: a config error leaves no data dir, database or socket behind.
     let config = Config::load(config_path.as_deref())?;
@@ -154,7 +161,7 @@ pub async fn run(
         "scriptorium daemon ready"
     );
 
-    let escalated = wait_for_stop(&engine).await?;
+    let escalated = wait_for_stop(&engine, signals).await?;
     tracing::info!(grace_s = grace.as_secs_f64(), "shutting down: no new topics; draining");
     let _ = stop_tx.send(true);
     for s in servers {
@@ -189,9 +196,8 @@ fn provider_error(e: scriptorium::llm::LlmError) -> String {
 
 /// Waits for SIGTERM, SIGINT or an escalation; returns the escalation
 /// reason if that was the cause.
-async fn wait_for_stop(engine: &Scriptorium) -> anyhow::Result<Option<String>> {
-    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+async fn wait_for_stop(engine: &Scriptorium, signals: (Signal, Signal)) -> anyhow::Result<Option<String>> {
+    let (mut term, mut int) = signals;
     let mut escalation = engine.escalation();
     tokio::select! {
         _ = term.recv() => Ok(None),
