@@ -41,6 +41,7 @@ pub struct Config {
     pub supervision: SupervisionConfig,
     pub workflow: WorkflowConfig,
     pub daemon: DaemonConfig,
+    pub store: StoreConfig,
     pub chaos: ChaosConfig,
     pub telemetry: TelemetryConfig,
     pub prompts: PromptsConfig,
@@ -219,6 +220,13 @@ pub struct DaemonConfig {
     pub metrics_addr: String,
     pub shutdown_grace_s: f64,
     pub max_connections: usize,
+    /// Scrape connections served at once by the metrics endpoint.
+    pub metrics_max_connections: usize,
+    /// Seconds a metrics connection gets to send its request head (also
+    /// how long an idle keep-alive connection stays open).
+    pub metrics_header_timeout_s: f64,
+    /// Longest a metrics connection may live, whatever it does (seconds).
+    pub metrics_connection_timeout_s: f64,
     /// Also write `<data_dir>/topics/<id>.json` after every step.
     pub topic_files: bool,
 }
@@ -232,9 +240,33 @@ impl Default for DaemonConfig {
             metrics_addr: "127.0.0.1:9464".into(),
             shutdown_grace_s: 10.0,
             max_connections: 256,
+            metrics_max_connections: 64,
+            metrics_header_timeout_s: 5.0,
+            metrics_connection_timeout_s: 30.0,
             topic_files: true,
         }
     }
+}
+
+/// How hard a commit is pushed to the disk before a submit or a step is
+/// acknowledged (SQLite `synchronous`, in WAL mode).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// `synchronous = NORMAL`: a commit survives the process dying (kill -9,
+    /// panic, OOM kill) but the last commits may be lost on power loss or an
+    /// OS crash.
+    #[default]
+    Process,
+    /// `synchronous = FULL`: every commit is fsync'ed before it is
+    /// acknowledged, so it survives power loss too.
+    Power,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub durability: Durability,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -379,6 +411,9 @@ impl Config {
     }
 
     /// Checks the semantic rules serde cannot: ranges, cross-references.
+    /// Every numeric key has a documented range (`config/scriptorium.toml`),
+    /// checked here so nothing downstream can panic on a config value
+    /// (`Duration::from_secs_f64` of 1e300, an overflowing semaphore size).
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.llm.model.trim().is_empty() {
             return Err(invalid("llm.model", "must not be empty"));
@@ -386,12 +421,17 @@ impl Config {
         if !(self.llm.base_url.starts_with("http://") || self.llm.base_url.starts_with("https://")) {
             return Err(invalid("llm.base_url", "must start with http:// or https://"));
         }
-        positive("llm.request_timeout_s", self.llm.request_timeout_s)?;
-        positive("llm.connect_timeout_s", self.llm.connect_timeout_s)?;
-        if self.llm.max_output_tokens == 0 {
-            return Err(invalid("llm.max_output_tokens", "must be at least 1"));
+        seconds("llm.request_timeout_s", self.llm.request_timeout_s, MAX_TIMEOUT_S)?;
+        seconds("llm.connect_timeout_s", self.llm.connect_timeout_s, MAX_TIMEOUT_S)?;
+        int("llm.max_output_tokens", self.llm.max_output_tokens, 1, 1_000_000)?;
+        if let Some(t) = self.llm.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(invalid("llm.temperature", "must be between 0 and 2"));
+            }
         }
         let sim = &self.llm.simulated;
+        int("llm.simulated.latency_ms", sim.latency_ms, 0, MAX_DELAY_MS)?;
+        int("llm.simulated.jitter_ms", sim.jitter_ms, 0, MAX_DELAY_MS)?;
         for (key, rate) in [
             ("llm.simulated.error_rate", sim.error_rate),
             ("llm.simulated.rate_limit_rate", sim.rate_limit_rate),
@@ -399,6 +439,7 @@ impl Config {
             ("llm.simulated.hang_rate", sim.hang_rate),
             ("chaos.actor_panic_rate", self.chaos.actor_panic_rate),
         ] {
+            // `contains` is false for NaN, so NaN is refused too.
             if !(0.0..=1.0).contains(&rate) {
                 return Err(invalid(key, "must be between 0 and 1"));
             }
@@ -406,34 +447,31 @@ impl Config {
         if sim.error_rate + sim.rate_limit_rate + sim.malformed_rate + sim.hang_rate > 1.0 {
             return Err(invalid("llm.simulated", "fault rates must add up to at most 1"));
         }
-        if self.limits.max_in_flight_topics == 0 {
-            return Err(invalid("limits.max_in_flight_topics", "must be at least 1"));
-        }
-        if self.limits.max_topic_chars == 0 {
-            return Err(invalid("limits.max_topic_chars", "must be at least 1"));
-        }
-        if self.retry.max_attempts == 0 {
-            return Err(invalid("retry.max_attempts", "must be at least 1"));
-        }
-        if self.retry.initial_backoff_ms > self.retry.max_backoff_ms {
+        let limits = &self.limits;
+        int("limits.requests_per_minute", limits.requests_per_minute, 0, 10_000_000)?;
+        int("limits.tokens_per_minute", limits.tokens_per_minute, 0, 2_000_000_000)?;
+        int("limits.max_in_flight_topics", limits.max_in_flight_topics, 1, 100_000)?;
+        int("limits.max_queued_topics", limits.max_queued_topics, 0, 10_000_000)?;
+        // A protocol line is at most 64 KiB, so a longer topic could never arrive.
+        int("limits.max_topic_chars", limits.max_topic_chars, 1, 65_536)?;
+        let retry = &self.retry;
+        int("retry.max_attempts", retry.max_attempts, 1, 100)?;
+        int("retry.initial_backoff_ms", retry.initial_backoff_ms, 0, MAX_DELAY_MS)?;
+        int("retry.max_backoff_ms", retry.max_backoff_ms, 0, MAX_DELAY_MS)?;
+        if retry.initial_backoff_ms > retry.max_backoff_ms {
             return Err(invalid("retry.initial_backoff_ms", "must not exceed retry.max_backoff_ms"));
         }
-        if self.retry.budget_percent > 1000 {
-            return Err(invalid("retry.budget_percent", "must be at most 1000"));
-        }
-        positive("supervision.window_s", self.supervision.window_s)?;
-        positive("supervision.step_timeout_s", self.supervision.step_timeout_s)?;
-        if !(1..=4096).contains(&self.supervision.stage_workers) {
-            return Err(invalid("supervision.stage_workers", "must be between 1 and 4096"));
-        }
+        int("retry.budget_percent", retry.budget_percent, 0, 1000)?;
+        int("retry.budget_min_per_s", retry.budget_min_per_s, 0, 1_000_000)?;
+        int("supervision.max_restarts", self.supervision.max_restarts, 0, 1_000_000)?;
+        seconds("supervision.window_s", self.supervision.window_s, MAX_TIMEOUT_S)?;
+        seconds("supervision.step_timeout_s", self.supervision.step_timeout_s, 7.0 * MAX_TIMEOUT_S)?;
+        int("workflow.variants", self.workflow.variants, 1, 16)?;
+        int("workflow.max_revisions", self.workflow.max_revisions, 0, 20)?;
+        int("workflow.approval_min_score", self.workflow.approval_min_score, 0, 10)?;
+        int("supervision.stage_workers", self.supervision.stage_workers, 1, 4096)?;
         if !(0.0..=3600.0).contains(&self.retry.max_retry_after_s) {
-            return Err(invalid("retry.max_retry_after_s", "must be between 0 and 3600 seconds"));
-        }
-        if self.workflow.variants == 0 || self.workflow.variants > 16 {
-            return Err(invalid("workflow.variants", "must be between 1 and 16"));
-        }
-        if self.workflow.approval_min_score > 10 {
-            return Err(invalid("workflow.approval_min_score", "must be between 0 and 10"));
+            return Err(invalid("retry.max_retry_after_s", "must be a number of seconds from 0 to 3600"));
         }
         if !self.kinds.contains_key(&self.workflow.default_kind) {
             return Err(invalid(
@@ -445,23 +483,31 @@ impl Config {
                 ),
             ));
         }
-        positive("daemon.shutdown_grace_s", self.daemon.shutdown_grace_s)?;
-        positive("telemetry.export_timeout_s", self.telemetry.export_timeout_s)?;
-        if self.telemetry.max_queued_spans == 0 {
-            return Err(invalid("telemetry.max_queued_spans", "must be at least 1"));
+        seconds("daemon.shutdown_grace_s", self.daemon.shutdown_grace_s, MAX_TIMEOUT_S)?;
+        int("daemon.max_connections", self.daemon.max_connections, 1, 100_000)?;
+        int("daemon.metrics_max_connections", self.daemon.metrics_max_connections, 1, 4096)?;
+        seconds("daemon.metrics_header_timeout_s", self.daemon.metrics_header_timeout_s, 3600.0)?;
+        seconds("daemon.metrics_connection_timeout_s", self.daemon.metrics_connection_timeout_s, 3600.0)?;
+        for (key, value) in [("daemon.tcp", &self.daemon.tcp), ("daemon.metrics_addr", &self.daemon.metrics_addr)] {
+            if !value.trim().is_empty() && value.trim().parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    key,
+                    format!("`{value}` is not an address like 127.0.0.1:9464 (empty turns it off)"),
+                ));
+            }
         }
+        seconds("telemetry.export_timeout_s", self.telemetry.export_timeout_s, 3600.0)?;
+        int("telemetry.max_queued_spans", self.telemetry.max_queued_spans, 1, 1_000_000)?;
         let ep = self.telemetry.otlp_endpoint.trim();
         if !(ep.is_empty() || ep.starts_with("http://") || ep.starts_with("https://")) {
             return Err(invalid("telemetry.otlp_endpoint", "must be empty or start with http:// or https://"));
-        }
-        if self.daemon.max_connections == 0 {
-            return Err(invalid("daemon.max_connections", "must be at least 1"));
         }
         for (name, kind) in &self.kinds {
             let key = |field: &str| format!("kinds.{name}.{field}");
             if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
                 return Err(invalid(format!("kinds.{name}"), "kind names use only letters, digits, `_` and `-`"));
             }
+            int(&key("max_words"), kind.max_words, 1, 100_000)?;
             if kind.min_words == 0 || kind.min_words > kind.max_words {
                 return Err(invalid(key("min_words"), "must be at least 1 and not above max_words"));
             }
@@ -481,11 +527,27 @@ impl Config {
     }
 }
 
-fn positive(key: &str, value: f64) -> Result<(), ConfigError> {
-    if value.is_finite() && value > 0.0 {
+/// Upper bound of every timeout and grace key (seconds): one day.
+/// (`supervision.step_timeout_s` allows a week.)
+pub const MAX_TIMEOUT_S: f64 = 86_400.0;
+/// Upper bound of every millisecond delay key: one hour.
+pub const MAX_DELAY_MS: u64 = 3_600_000;
+
+/// A number of seconds in `(0, max]`; NaN and infinities are refused.
+fn seconds(key: &str, value: f64, max: f64) -> Result<(), ConfigError> {
+    if value.is_finite() && value > 0.0 && value <= max {
         Ok(())
     } else {
-        Err(invalid(key, "must be a positive number"))
+        Err(invalid(key, format!("must be a number of seconds above 0 and at most {max}")))
+    }
+}
+
+/// An integer in `lo..=hi`.
+fn int<T: TryInto<u64>>(key: &str, value: T, lo: u64, hi: u64) -> Result<(), ConfigError> {
+    if value.try_into().is_ok_and(|v: u64| (lo..=hi).contains(&v)) {
+        Ok(())
+    } else {
+        Err(invalid(key, format!("must be between {lo} and {hi}")))
     }
 }
 
@@ -644,6 +706,59 @@ mod tests {
         assert_eq!(c.llm.provider, ProviderChoice::Simulated);
         assert_eq!(c.limits.requests_per_minute, 600);
         assert_eq!(c.llm.simulated.latency_ms, 5);
+    }
+
+    #[test]
+    fn every_numeric_key_refuses_absurd_values_by_name() {
+        let numeric = [
+            "llm.request_timeout_s",
+            "llm.connect_timeout_s",
+            "llm.max_output_tokens",
+            "llm.temperature",
+            "llm.simulated.latency_ms",
+            "llm.simulated.jitter_ms",
+            "llm.simulated.error_rate",
+            "llm.simulated.rate_limit_rate",
+            "llm.simulated.malformed_rate",
+            "llm.simulated.hang_rate",
+            "limits.requests_per_minute",
+            "limits.tokens_per_minute",
+            "limits.max_in_flight_topics",
+            "limits.max_queued_topics",
+            "limits.max_topic_chars",
+            "retry.max_attempts",
+            "retry.initial_backoff_ms",
+            "retry.max_backoff_ms",
+            "retry.budget_percent",
+            "retry.budget_min_per_s",
+            "supervision.max_restarts",
+            "supervision.window_s",
+            "supervision.step_timeout_s",
+            "workflow.variants",
+            "workflow.max_revisions",
+            "workflow.approval_min_score",
+            "daemon.shutdown_grace_s",
+            "daemon.max_connections",
+            "daemon.metrics_max_connections",
+            "daemon.metrics_header_timeout_s",
+            "daemon.metrics_connection_timeout_s",
+            "chaos.actor_panic_rate",
+        ];
+        for key in numeric {
+            let var = format!("SCRIPTORIUM_{}", key.to_ascii_uppercase().replace('.', "__"));
+            for value in ["1e300", "nan", "-inf", "-1", "4611686018427387904", "18446744073709551615"] {
+                let e = match Config::from_toml_str("", &env(&[(&var, value)])) {
+                    Ok(_) => panic!("{key}={value} accepted"),
+                    Err(e) => e.to_string(),
+                };
+                assert!(e.contains(key), "{key}={value}: {e}");
+                assert!(!e.contains('\n'), "{key}={value}: {e}");
+            }
+        }
+        let c = Config::from_toml_str("", &[]).unwrap();
+        assert_eq!(c.store.durability, Durability::Process);
+        let c = Config::from_toml_str("[store]\ndurability = \"power\"\n", &[]).unwrap();
+        assert_eq!(c.store.durability, Durability::Power);
     }
 
     #[test]

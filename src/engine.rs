@@ -31,7 +31,6 @@ use crate::queue::TopicQueue;
 use crate::state::{now_ms, JournalRecord, Submission, TopicState, TopicStatus, TopicSummary};
 use crate::store::files::FileMirror;
 use crate::store::{Inserted, ListQuery, StoreError, TopicStore};
-use crate::workflow::prompts::normalize_topic;
 
 /// Errors callers branch on; `code()` is the stable wire code.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -306,8 +305,17 @@ impl Scriptorium {
 
     fn validate(&self, req: &SubmitRequest) -> Result<Submission, EngineError> {
         let config = &self.inner.config;
-        let topic = normalize_topic(&req.topic);
-        if topic.is_empty() {
+        // The topic is kept exactly as sent; control characters (newline,
+        // tab, NUL, ...) are refused rather than silently rewritten.
+        let topic = req.topic.clone();
+        if let Some((at, c)) = topic.chars().enumerate().find(|(_, c)| c.is_control()) {
+            return Err(EngineError::BadRequest(format!(
+                "topic must not contain control characters (U+{:04X} at character {})",
+                u32::from(c),
+                at + 1
+            )));
+        }
+        if topic.trim().is_empty() {
             return Err(EngineError::BadRequest("topic must not be empty".into()));
         }
         if req.topic.chars().count() > config.limits.max_topic_chars {

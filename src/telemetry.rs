@@ -13,10 +13,13 @@
 //! covers any name not listed here), so none renders as a summary.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use std::io::IsTerminal;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::sync::Semaphore;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -117,42 +120,217 @@ fn builder() -> Result<PrometheusBuilder, String> {
 }
 
 /// Installs the global Prometheus recorder and, when `addr` is given, serves
-/// `/metrics` there. Must run inside a tokio runtime. Install it before
-/// `Scriptorium::start`: values set before the recorder exists (build info,
-/// configured limits) are lost.
+/// `/metrics` there with the default bounds (`MetricsServerOptions`). Must
+/// run inside a tokio runtime. Install it before `Scriptorium::start`:
+/// values set before the recorder exists (build info, configured limits)
+/// are lost.
 pub fn install_metrics(addr: Option<SocketAddr>) -> Result<PrometheusHandle, String> {
-    let b = builder()?;
-    match addr {
-        Some(addr) => {
-            // `build` also spawns the recorder's upkeep task.
-            let (recorder, exporter) =
-                b.with_http_listener(addr).build().map_err(|e| format!("metrics endpoint {addr}: {e}"))?;
-            let handle = recorder.handle();
-            metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
-            tokio::spawn(async move {
-                if let Err(e) = exporter.await {
-                    tracing::error!(error = ?e, "metrics endpoint stopped");
-                }
-            });
-            Ok(handle)
+    install_metrics_with(addr, MetricsServerOptions::default())
+}
+
+/// `install_metrics` with explicit bounds for the endpoint. The address is
+/// bound before this returns, so a port in use is a startup error.
+pub fn install_metrics_with(
+    addr: Option<SocketAddr>,
+    options: MetricsServerOptions,
+) -> Result<PrometheusHandle, String> {
+    // Bound first: nothing is installed when the port is taken.
+    let listener = match addr {
+        Some(addr) => Some(bind_metrics(addr)?),
+        None => None,
+    };
+    let handle = builder()?.install_recorder().map_err(|e| e.to_string())?;
+    // Upkeep drains the histograms' buffers between renders, so memory
+    // stays bounded however rarely (or never) anybody scrapes.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(UPKEEP_INTERVAL).await;
+            upkeep.run_upkeep();
         }
-        None => {
-            let handle = b.install_recorder().map_err(|e| e.to_string())?;
-            // Without an exporter nobody drains the histograms' buffers;
-            // upkeep does, so memory stays bounded between renders.
-            let upkeep = handle.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(UPKEEP_INTERVAL).await;
-                    upkeep.run_upkeep();
-                }
-            });
-            Ok(handle)
+    });
+    if let Some(listener) = listener {
+        let handle = handle.clone();
+        tokio::spawn(serve_metrics(listener, handle, options));
+    }
+    Ok(handle)
+}
+
+/// Bounds of the `/metrics` endpoint. A scrape is one short request, so the
+/// endpoint needs few connections and little patience; whatever a client
+/// does, it holds at most `max_connections` file descriptors.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricsServerOptions {
+    /// Connections served at once. The slot is taken *before* `accept`, so
+    /// connections past it wait in the kernel's backlog, costing the
+    /// process no file descriptor.
+    pub max_connections: usize,
+    /// Time a connection gets to send a complete request head, counted from
+    /// accept or from the end of the previous response (an idle keep-alive
+    /// connection is closed after this too).
+    pub header_timeout: Duration,
+    /// Longest a connection may live, whatever it does (a client that never
+    /// reads its response, for one).
+    pub connection_timeout: Duration,
+}
+
+impl Default for MetricsServerOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            header_timeout: Duration::from_secs(5),
+            connection_timeout: Duration::from_secs(30),
         }
     }
 }
 
-const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// Binds like `tokio::net::TcpListener::bind` (SO_REUSEADDR, so a restart
+/// is not refused while old connections sit in TIME_WAIT) with an explicit
+/// backlog: connections past `max_connections` wait there.
+fn bind_metrics(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
+    let err = |e: std::io::Error| format!("metrics endpoint {addr}: {e}");
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }.map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(1024).map_err(err)
+}
+
+/// Accept errors that are not about one connection (out of file
+/// descriptors, memory, buffers) pause the accept loop: 100 ms doubling to
+/// 5 s, back to 100 ms after the next good accept.
+const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(100);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// At most one log line per this interval for accept errors; the line says
+/// how many were not logged.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The accept loop of `/metrics` (see `MetricsServerOptions`). Runs until
+/// the process exits.
+async fn serve_metrics(listener: tokio::net::TcpListener, handle: PrometheusHandle, options: MetricsServerOptions) {
+    let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    let mut backoff = ACCEPT_BACKOFF_START;
+    let mut log = RateLimitedLog::new(ACCEPT_LOG_EVERY);
+    loop {
+        // The semaphore is never closed, so this cannot fail.
+        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { return };
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                backoff = ACCEPT_BACKOFF_START;
+                let handle = handle.clone();
+                tokio::spawn(async move {
+                    serve_metrics_connection(stream, handle, options).await;
+                    drop(permit);
+                });
+            }
+            Err(e) if is_connection_error(&e) => {}
+            Err(e) => {
+                if let Some(suppressed) = log.allow() {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, suppressed,
+                        "metrics endpoint: cannot accept a connection");
+                }
+                drop(permit);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Errors about the one connection being accepted (it was reset before we
+/// got to it): nothing to wait for.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(e.kind(), K::ConnectionAborted | K::ConnectionReset | K::ConnectionRefused | K::Interrupted)
+}
+
+/// Lets one event through per interval and counts the ones it held back.
+struct RateLimitedLog {
+    every: Duration,
+    last: Option<tokio::time::Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    fn new(every: Duration) -> Self {
+        Self { every, last: None, suppressed: 0 }
+    }
+
+    /// `Some(suppressed since the last line)` when this event may be logged.
+    fn allow(&mut self) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        if self.last.is_some_and(|t| now.duration_since(t) < self.every) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+async fn serve_metrics_connection(
+    stream: tokio::net::TcpStream,
+    handle: PrometheusHandle,
+    options: MetricsServerOptions,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let response = metrics_response(&req, &handle);
+        async move { Ok::<_, std::convert::Infallible>(response) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_timeout)
+        // A scrape request is a line and a few headers.
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(stream), service);
+    // Timed out or failed, the connection is dropped (closed) either way;
+    // neither is worth a log line (that is how a flood would fill the log).
+    let _ = tokio::time::timeout(options.connection_timeout, conn).await;
+}
+
+fn metrics_response(
+    req: &hyper::Request<hyper::body::Incoming>,
+    handle: &PrometheusHandle,
+) -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
+    use hyper::{Method, StatusCode};
+    let readable = req.method() == Method::GET || req.method() == Method::HEAD;
+    let (status, content_type, body) = match (readable, req.uri().path()) {
+        (true, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", handle.render()),
+        (false, "/metrics") => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n".to_string()),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "metrics are at /metrics\n".to_string()),
+    };
+    let mut response = hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    response
+}
+
+/// Raises the soft limit on open files (`RLIMIT_NOFILE`) to the hard limit,
+/// so bursts of clients and scrapes meet the system's real ceiling rather
+/// than a conservative default of 1024. Returns `(before, after)` soft
+/// limits; an error leaves the limit as it was.
+// `rlim_t` is u64 on Linux but not everywhere: the casts are for the others.
+#[allow(clippy::unnecessary_cast)]
+pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let before = lim.rlim_cur as u64;
+    if lim.rlim_cur >= lim.rlim_max {
+        return Ok((before, before));
+    }
+    let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+    // SAFETY: setrlimit only reads the struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((before, lim.rlim_max as u64))
+}
+
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Registers the HELP text of every family and pre-registers the label sets
 /// we document, so every family appears in a scrape from the start (a zero

@@ -580,6 +580,8 @@ fn alert_unit_tests(alerts: &Path, exprs: &BTreeMap<String, String>) -> String {
         (r#"scriptorium_rate_limiter_paused{instance="paused",job="scriptorium"}"#, "1x60"),
         (r#"scriptorium_actor_restarts_total{instance="restarting",job="scriptorium",actor="writer"}"#, "0+5x60"),
         (r#"scriptorium_topics_awaiting_approval{instance="waiting",job="scriptorium"}"#, "2x60"),
+        (r#"scriptorium_store_degraded{instance="ok",job="scriptorium"}"#, "0x60"),
+        (r#"scriptorium_store_degraded{instance="diskfull",job="scriptorium"}"#, "1x60"),
         // scrapes: one target answering, one not
         (r#"up{instance="ok",job="scriptorium"}"#, "1x60"),
         (r#"up{instance="unreachable",job="scriptorium"}"#, "0x60"),
@@ -594,6 +596,7 @@ fn alert_unit_tests(alerts: &Path, exprs: &BTreeMap<String, String>) -> String {
         ("ScriptoriumActorRestartStorm", &["restarting"]),
         ("ScriptoriumNoProgress", &["stalled"]),
         ("ScriptoriumLlmErrorRateHigh", &["erroring"]),
+        ("ScriptoriumStoreDegraded", &["diskfull"]),
     ];
     assert_eq!(exprs.len(), expected.len(), "a rule without a unit test here: {:?}", exprs.keys());
     let q = |s: &str| serde_json::to_string(s).unwrap();

@@ -250,7 +250,8 @@ async fn bad_inputs_get_errors_and_the_daemon_keeps_serving() {
         (b"{\"op\":\"list\",\"status\":\"sleeping\"}\n".to_vec(), "bad_request", "`status`"),
         (b"{\"op\":\"reject\",\"id\":\"x\"}\n".to_vec(), "bad_request", "`note`"),
         (b"{\"op\":\"submit\",\"topic\":\"\"}\n".to_vec(), "bad_request", "empty"),
-        (b"{\"op\":\"submit\",\"topic\":\"  \\n\\t \"}\n".to_vec(), "bad_request", "empty"),
+        (b"{\"op\":\"submit\",\"topic\":\"   \"}\n".to_vec(), "bad_request", "empty"),
+        (b"{\"op\":\"submit\",\"topic\":\"  \\n\\t \"}\n".to_vec(), "bad_request", "control characters"),
         (format!("{{\"op\":\"submit\",\"topic\":\"{long_topic}\"}}\n").into_bytes(), "too_large", "max_topic_chars"),
         (b"{\"op\":\"submit\",\"topic\":\"caf\xc3\x28\"}\n".to_vec(), "bad_request", "UTF-8"),
         (b"{\"op\":\"status\",\"id\":\"t-nope\"}\n".to_vec(), "not_found", "t-nope"),
@@ -592,7 +593,7 @@ async fn watch_streams_until_settled_then_the_connection_goes_on() {
     assert_eq!(ok(&r)["watching"], Value::Null);
 
     let mut c = d.conn().await;
-    let id = submit(&mut c, json!({"topic": "watched\ntopic with a newline"})).await;
+    let id = submit(&mut c, json!({"topic": "watched topic"})).await;
     let r = c.req(json!({"op": "watch", "id": id})).await;
     assert_eq!(ok(&r)["watching"], id.as_str());
     let mut steps = Vec::new();
@@ -609,7 +610,7 @@ async fn watch_streams_until_settled_then_the_connection_goes_on() {
     assert!(steps.iter().any(|s| s == "write"), "{steps:?}");
     // The connection takes requests again after the stream.
     let state = ok(&c.req(json!({"op": "result", "id": id})).await)["state"].clone();
-    assert_eq!(state["topic"], "watched topic with a newline");
+    assert_eq!(state["topic"], "watched topic");
 
     // Watching a settled topic: its final event, then done.
     let r = c.req(json!({"op": "watch", "id": id})).await;

@@ -297,7 +297,7 @@ impl TopicRunner {
                 }
                 let before = st.status;
                 st.apply(record, at);
-                let mirror = self.files.as_ref().map(|_| st.clone());
+                let mirror = self.files.as_ref().map(|f| f.snapshot(&st));
                 (before, st.status, st.submitted_at_ms, mirror)
             }
             Some(store) => {
@@ -312,13 +312,13 @@ impl TopicRunner {
                 };
                 store.append_fenced(&next, record, lease).await?;
                 let (after, submitted) = (next.status, next.submitted_at_ms);
-                let mirror = self.files.as_ref().map(|_| next.clone());
+                let mirror = self.files.as_ref().map(|f| f.snapshot(&next));
                 *live.lock() = next;
                 (before, after, submitted, mirror)
             }
         };
-        if let (Some(files), Some(state)) = (&self.files, mirror) {
-            if let Err(e) = files.write(&state).await {
+        if let (Some(files), Some(snapshot)) = (&self.files, mirror) {
+            if let Err(e) = files.write(snapshot).await {
                 tracing::warn!(topic_id = %live.ctx.id, error = %e, "could not write the topic's JSON file");
             }
         }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use scriptorium::config::Config;
+use scriptorium::config::{Config, Durability};
 use scriptorium::state::TopicStatus;
 use scriptorium::store::sqlite::SqliteStore;
 use scriptorium::store::TopicStore;
@@ -30,6 +30,10 @@ pub struct BenchArgs {
     /// overhead: which store settings to run (both, none, sqlite).
     #[arg(long, default_value = "both")]
     pub store: String,
+    /// overhead with a store: SQLite durability to run (process, power, or
+    /// both side by side).
+    #[arg(long, default_value = "process")]
+    pub durability: String,
     /// overhead, scale: runs per row; the row shows the run with the median
     /// CPU per step (a shared machine's noise moves single runs by ±30 %).
     #[arg(long, default_value_t = 3)]
@@ -284,16 +288,29 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 if args.store == "none" {
                     continue;
                 }
-                let s = median_of(args.repeat, || async move {
-                    // A fresh database file per run.
-                    let dir = tempfile_dir()?;
-                    let store: Arc<dyn TopicStore> = Arc::new(SqliteStore::open(&dir.join("bench.db"))?);
-                    let s = run_topics(bench_config(0, 100_000), Some(store), n, NO_BASELINE).await;
-                    let _ = std::fs::remove_dir_all(&dir);
-                    s
-                })
-                .await?;
-                report(&args.results, "overhead", "sqlite store", &s, json!({"target_steps_per_s": 30000}))?;
+                let durabilities: &[Durability] = match args.durability.as_str() {
+                    "process" => &[Durability::Process],
+                    "power" => &[Durability::Power],
+                    "both" => &[Durability::Process, Durability::Power],
+                    other => anyhow::bail!("unknown durability `{other}` (have: process, power, both)"),
+                };
+                for &durability in durabilities {
+                    let s = median_of(args.repeat, || async move {
+                        // A fresh database file per run.
+                        let dir = tempfile_dir()?;
+                        let store: Arc<dyn TopicStore> =
+                            Arc::new(SqliteStore::open_with(&dir.join("bench.db"), durability)?);
+                        let s = run_topics(bench_config(0, 100_000), Some(store), n, NO_BASELINE).await;
+                        let _ = std::fs::remove_dir_all(&dir);
+                        s
+                    })
+                    .await?;
+                    let label = match durability {
+                        Durability::Process => "sqlite store",
+                        Durability::Power => "sqlite store, power",
+                    };
+                    report(&args.results, "overhead", label, &s, json!({"target_steps_per_s": 30000}))?;
+                }
             }
         }
         "scale" => {

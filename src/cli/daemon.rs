@@ -1,11 +1,16 @@
-//! `scriptorium daemon`: opens the store, starts the engine (which resumes
-//! unfinished topics), binds the socket(s) and the metrics endpoint, logs one
-//! line and tells systemd `READY=1` when the socket accepts, and drains on
-//! SIGTERM/SIGINT (`STOPPING=1`) within `daemon.shutdown_grace_s`. Exit 0
-//! after a clean drain; 4 when supervision escalated.
+//! `scriptorium daemon`: validates the whole config (addresses, provider
+//! settings) before touching the disk, raises the soft open-files limit,
+//! binds the metrics endpoint and the socket(s), opens the store, brings the
+//! topic files up to date with it, starts the engine (which resumes
+//! unfinished topics), logs one line and tells systemd `READY=1` when the
+//! socket accepts, and drains on SIGTERM/SIGINT (`STOPPING=1`) within
+//! `daemon.shutdown_grace_s`. Exit 0 after a clean drain; 4 when
+//! supervision escalated.
 //!
 //! Paths come from `paths::Layout`: the XDG state dir and runtime dir unless
 //! the config names them; nothing is created in the working directory.
+//! Must not: create a file or directory before every check that can fail on
+//! config alone has passed.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,7 +26,7 @@ use scriptorium::store::sqlite::SqliteStore;
 use scriptorium::store::TopicStore;
 use scriptorium::telemetry::{self, LogFormat};
 use scriptorium::{EngineOptions, Scriptorium};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 
 use super::sd_notify;
@@ -38,7 +43,7 @@ fn parse_addr(key: &str, value: &str) -> anyhow::Result<Option<SocketAddr>> {
     if value.trim().is_empty() {
         return Ok(None);
     }
-    value.parse().map(Some).with_context(|| format!("{key}: `{value}` is not an address like 127.0.0.1:9464"))
+    value.trim().parse().map(Some).with_context(|| format!("{key}: `{value}` is not an address like 127.0.0.1:9464"))
 }
 
 pub async fn run(
@@ -49,36 +54,45 @@ pub async fn run(
 ) -> anyhow::Result<ExitCode> {
     let (config, source) = super::load_config(config_path.as_deref())?;
     let traces = telemetry::init(log_format, "info", Some(&config.telemetry)).map_err(anyhow::Error::msg)?;
-    let layout = Layout::resolve(&config.daemon, &PathEnv::from_process())?;
-    let data_dir = layout.state_dir.clone();
-    paths::create_private_dir(&data_dir).with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
-    let socket_path = socket.unwrap_or_else(|| layout.socket.clone());
-    if let Some(dir) = socket_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        paths::create_private_dir(dir)
-            .with_context(|| format!("cannot create the socket's directory {}", dir.display()))?;
-    }
-
+    // Listening from the start: a SIGTERM that arrives once clients can
+    // connect (the socket is served before "ready" is logged) must drain,
+    // not kill the process with the default action.
+    let signals = (
+        signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+        signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+    );
+    // Everything that can be checked is checked before anything touches the
+    // disk: a config error leaves no data dir, database or socket behind.
     let metrics_addr =
         parse_addr("daemon.metrics_addr", args.metrics_addr.as_deref().unwrap_or(&config.daemon.metrics_addr))?;
+    let tcp_addr = parse_addr("daemon.tcp", &config.daemon.tcp)?;
+    // Provider settings complete (an `openai` provider without a key, say):
+    // the engine builds its own provider later; this one only checks.
+    scriptorium::llm::build_provider(&config).map_err(|e| anyhow::anyhow!("{}", provider_error(e)))?;
+    let layout = Layout::resolve(&config.daemon, &PathEnv::from_process())?;
+    let data_dir = layout.state_dir.clone();
+    let socket_path = socket.unwrap_or_else(|| layout.socket.clone());
+    let grace = Duration::from_secs_f64(config.daemon.shutdown_grace_s);
+    let max_connections = config.daemon.max_connections;
+
+    match telemetry::raise_open_files_limit() {
+        Ok((before, after)) => tracing::info!(before, after, "open files limit (soft) raised to the hard limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+    }
+
     if let Some(addr) = metrics_addr {
-        telemetry::install_metrics(Some(addr)).map_err(anyhow::Error::msg)?;
+        let options = telemetry::MetricsServerOptions {
+            max_connections: config.daemon.metrics_max_connections,
+            header_timeout: Duration::from_secs_f64(config.daemon.metrics_header_timeout_s),
+            connection_timeout: Duration::from_secs_f64(config.daemon.metrics_connection_timeout_s),
+        };
+        telemetry::install_metrics_with(Some(addr), options).map_err(anyhow::Error::msg)?;
         telemetry::describe_metrics();
         telemetry::spawn_process_metrics();
         if traces.is_some() {
             scriptorium::traces::describe_metrics();
         }
     }
-    let tcp_addr = parse_addr("daemon.tcp", &config.daemon.tcp)?;
-
-    let db_path = layout.database();
-    let store: Arc<dyn TopicStore> = Arc::new(SqliteStore::open(&db_path)?);
-    let files = if config.daemon.topic_files { Some(FileMirror::new(layout.topics_dir())?) } else { None };
-    let grace = Duration::from_secs_f64(config.daemon.shutdown_grace_s);
-    let max_connections = config.daemon.max_connections;
-
-    // Bind before starting the engine: a second daemon on the same socket
-    // must fail before it touches the store's unfinished topics.
-    let unix = server::bind_unix(&socket_path).await?;
     let tcp = match tcp_addr {
         Some(addr) => {
             if !addr.ip().is_loopback() {
@@ -89,8 +103,45 @@ pub async fn run(
         None => None,
     };
 
+    paths::create_private_dir(&data_dir).with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
+    if let Some(dir) = socket_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        paths::create_private_dir(dir)
+            .with_context(|| format!("cannot create the socket's directory {}", dir.display()))?;
+    }
+    // Bind before opening the store: a second daemon on the same socket
+    // must fail before it touches the store's unfinished topics.
+    let unix = server::bind_unix(&socket_path).await?;
+
+    let db_path = layout.database();
+    let store: Arc<dyn TopicStore> = Arc::new(SqliteStore::open_with(&db_path, config.store.durability)?);
+    let files = if config.daemon.topic_files {
+        let files = FileMirror::new(layout.topics_dir())?;
+        // Before the engine runs anything: files a crash left behind the
+        // database (a commit not yet mirrored) are rewritten from it.
+        let r = files.reconcile(store.as_ref()).await?;
+        if r.rewritten > 0 || r.temp_removed > 0 {
+            tracing::info!(
+                checked = r.checked,
+                rewritten = r.rewritten,
+                temp_removed = r.temp_removed,
+                "topic files brought up to date with the database"
+            );
+        }
+        Some(files)
+    } else {
+        None
+    };
+
     let engine =
-        Scriptorium::start(config, EngineOptions { store: Some(store), files, ..EngineOptions::default() }).await?;
+        match Scriptorium::start(config, EngineOptions { store: Some(store), files, ..EngineOptions::default() }).await
+        {
+            Ok(engine) => engine,
+            Err(e) => {
+                // No socket file is left behind for clients to find.
+                server::remove_socket(&socket_path);
+                return Err(e.into());
+            }
+        };
     if let Some(notice) = engine.provider_notice() {
         eprintln!("{notice}");
     }
@@ -129,7 +180,7 @@ pub async fn run(
     // The listeners are bound (so connections queue) and being served.
     sd_notify::notify("READY=1");
 
-    let escalated = wait_for_stop(&engine).await?;
+    let escalated = wait_for_stop(&engine, signals).await?;
     sd_notify::notify("STOPPING=1");
     tracing::info!(grace_s = grace.as_secs_f64(), "shutting down: no new topics; draining");
     let _ = stop_tx.send(true);
@@ -154,11 +205,19 @@ pub async fn run(
     }
 }
 
+/// The provider's own words, without the error class prefix: "fatal error:"
+/// would suggest a crash where the fix is a setting.
+fn provider_error(e: scriptorium::llm::LlmError) -> String {
+    match e {
+        scriptorium::llm::LlmError::Fatal { message, .. } => message,
+        other => other.to_string(),
+    }
+}
+
 /// Waits for SIGTERM, SIGINT or an escalation; returns the escalation
 /// reason if that was the cause.
-async fn wait_for_stop(engine: &Scriptorium) -> anyhow::Result<Option<String>> {
-    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+async fn wait_for_stop(engine: &Scriptorium, signals: (Signal, Signal)) -> anyhow::Result<Option<String>> {
+    let (mut term, mut int) = signals;
     let mut escalation = engine.escalation();
     tokio::select! {
         _ = term.recv() => Ok(None),

@@ -169,7 +169,7 @@ async fn interrupted(
     for id in &ids {
         if let Ok(state) = engine.get(id).await {
             if let Some(files) = files {
-                if let Err(e) = files.write(&state).await {
+                if let Err(e) = files.write_state(&state).await {
                     eprintln!("warning: cannot write {}: {e}", files.path_for(id).display());
                 }
             }

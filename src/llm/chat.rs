@@ -36,8 +36,13 @@ impl LlmProvider for ChatProvider {
     fn complete<'a>(&'a self, request: &'a LlmRequest) -> BoxFuture<'a, Result<LlmReply, LlmError>> {
         Box::pin(async move {
             let body = request_body(&self.settings, request);
-            let text = post_json(&self.client, &self.settings, "/chat/completions", &body).await?;
-            parse_response(&text)
+            // Everything the server said, errors and reply text alike, is
+            // redacted on its way out (the key may be echoed anywhere).
+            let result = match post_json(&self.client, &self.settings, "/chat/completions", &body).await {
+                Ok(text) => parse_response(&text),
+                Err(e) => Err(e),
+            };
+            self.settings.scrubbed(result)
         })
     }
 }

@@ -138,6 +138,25 @@ pub enum LlmError {
 }
 
 impl LlmError {
+    /// The same error with its message rewritten by `f` (used to redact).
+    pub fn map_message(self, f: impl FnOnce(String) -> String) -> LlmError {
+        match self {
+            LlmError::RateLimited { retry_after, message } => {
+                LlmError::RateLimited { retry_after, message: f(message) }
+            }
+            LlmError::Server { status, retry_after, message } => {
+                LlmError::Server { status, retry_after, message: f(message) }
+            }
+            LlmError::Timeout(d) => LlmError::Timeout(d),
+            LlmError::Connection(m) => LlmError::Connection(f(m)),
+            LlmError::InvalidOutput(m) => LlmError::InvalidOutput(f(m)),
+            LlmError::Refused(m) => LlmError::Refused(f(m)),
+            LlmError::Fatal { status, message } => LlmError::Fatal { status, message: f(message) },
+            LlmError::WorkerLost(m) => LlmError::WorkerLost(f(m)),
+            LlmError::Cancelled => LlmError::Cancelled,
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
         !matches!(self, LlmError::Fatal { .. } | LlmError::Cancelled)
     }
@@ -214,13 +233,19 @@ pub fn error_message_from_body(body: &str) -> Option<String> {
     }
 }
 
-/// Parses `retry-after-ms` (preferred) or `retry-after` (seconds).
+/// Longest server-requested pause we honour (seconds): a hostile or broken
+/// `retry-after: 1e300` must neither panic (`Duration` overflow) nor park
+/// every topic for ever.
+const MAX_RETRY_AFTER_S: f64 = 600.0;
+
+/// Parses `retry-after-ms` (preferred) or `retry-after` (seconds), capped at
+/// `MAX_RETRY_AFTER_S`.
 pub fn retry_after_from_headers(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     if let Some(ms) =
         headers.get("retry-after-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok())
     {
         if ms.is_finite() && ms >= 0.0 {
-            return Some(Duration::from_secs_f64(ms / 1000.0));
+            return Some(Duration::from_secs_f64((ms / 1000.0).min(MAX_RETRY_AFTER_S)));
         }
     }
     headers
@@ -228,7 +253,7 @@ pub fn retry_after_from_headers(headers: &reqwest::header::HeaderMap) -> Option<
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+        .map(|s| Duration::from_secs_f64(s.min(MAX_RETRY_AFTER_S)))
 }
 
 /// The one interface actors use to reach a model.
@@ -274,7 +299,9 @@ fn build_untraced(config: &Config) -> Result<(Arc<dyn LlmProvider>, Option<Strin
             if http.api_key.is_none() {
                 return Err(LlmError::Fatal {
                     status: None,
-                    message: "llm.provider = openai needs OPENAI_API_KEY".into(),
+                    message: "llm.provider = \"openai\" needs an API key: set the OPENAI_API_KEY environment variable \
+                              (or set llm.provider = \"simulated\" to run offline)"
+                        .into(),
                 });
             }
             Ok((Arc::new(openai::OpenAiProvider::new(http)?), None))
@@ -336,15 +363,86 @@ pub fn classify_transport_error(err: &reqwest::Error, timeout: Duration) -> LlmE
 }
 
 impl HttpSettings {
-    /// Replaces every occurrence of the API key in a server-supplied message.
-    /// OpenAI masks keys it rejects, but some compatible servers and proxies
-    /// echo the whole `Authorization` value back in their error body.
+    /// Replaces the API key, and any run of at least `MIN_LEAK` of its
+    /// characters, in text a server supplied. OpenAI masks keys it rejects,
+    /// but compatible servers and proxies echo the `Authorization` value
+    /// back, whole, cut short or `\u`-escaped in JSON: this runs on decoded
+    /// text, never on the raw body, so escapes cannot hide the key.
     pub(crate) fn redact(&self, text: &str) -> String {
         match self.api_key.as_deref() {
-            Some(key) if !key.is_empty() => text.replace(key, "<redacted>"),
+            Some(key) if !key.is_empty() => redact_secret(text, key),
             _ => text.to_string(),
         }
     }
+
+    /// `redact` applied to every message an error carries.
+    pub(crate) fn scrub(&self, error: LlmError) -> LlmError {
+        error.map_message(|m| self.redact(&m))
+    }
+
+    /// What a provider returns: the reply text (the model's words come from
+    /// the server too) and any error, both redacted.
+    pub(crate) fn scrubbed(&self, result: Result<LlmReply, LlmError>) -> Result<LlmReply, LlmError> {
+        match result {
+            Ok(reply) => Ok(LlmReply { text: self.redact(&reply.text), ..reply }),
+            Err(e) => Err(self.scrub(e)),
+        }
+    }
+}
+
+/// Shortest run of a secret's bytes that counts as leaking it: long enough
+/// that ordinary text never matches by chance, short enough that a key cut
+/// at any point (or masked in the middle) still loses both halves.
+pub const MIN_LEAK: usize = 8;
+
+/// Replaces every stretch of `text` made of runs of at least `MIN_LEAK`
+/// bytes that occur in `secret` (the whole secret included) with
+/// `<redacted>`. Linear in `text`: each window is one hash lookup.
+pub fn redact_secret(text: &str, secret: &str) -> String {
+    let (t, k) = (text.as_bytes(), secret.as_bytes());
+    let w = MIN_LEAK.min(k.len());
+    if w == 0 || t.len() < w {
+        return text.to_string();
+    }
+    let windows: std::collections::HashSet<&[u8]> = k.windows(w).collect();
+    let mut covered: Option<Vec<bool>> = None;
+    for i in 0..=t.len() - w {
+        if windows.contains(&t[i..i + w]) {
+            let c = covered.get_or_insert_with(|| vec![false; t.len()]);
+            c[i..i + w].iter_mut().for_each(|b| *b = true);
+        }
+    }
+    let Some(covered) = covered else { return text.to_string() };
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < t.len() {
+        if !covered[i] {
+            // Copy up to the next covered byte, whole characters only.
+            let mut j = i;
+            while j < t.len() && !covered[j] {
+                j += 1;
+            }
+            while !text.is_char_boundary(j) {
+                j += 1;
+            }
+            if j > i {
+                out.push_str(&text[i..j]);
+            }
+            i = j;
+            continue;
+        }
+        let mut j = i;
+        while j < t.len() && covered[j] {
+            j += 1;
+        }
+        // A run may end inside a multi-byte character: take all of it.
+        while !text.is_char_boundary(j) {
+            j += 1;
+        }
+        out.push_str("<redacted>");
+        i = j;
+    }
+    out
 }
 
 /// The HTTP half shared by the two network providers: POSTs `body` as JSON to
@@ -371,7 +469,9 @@ pub(crate) async fn post_json<B: serde::Serialize + ?Sized>(
         // The body only improves the message; losing it must not hide the
         // status, so a failed read degrades to an empty body.
         let text = response.text().await.unwrap_or_default();
-        return Err(LlmError::from_status(status.as_u16(), &settings.redact(&text), retry_after));
+        // Redacted after decoding: the body may spell the key with JSON
+        // escapes that only decoding turns back into the key.
+        return Err(settings.scrub(LlmError::from_status(status.as_u16(), &text, retry_after)));
     }
     // The client timeout covers the body too, so a stalled body is a Timeout.
     response.text().await.map_err(|e| classify_transport_error(&e, settings.request_timeout))
@@ -414,6 +514,31 @@ mod tests {
         assert!(LlmError::from_status(400, r#"{"error":{"message":"bad schema"}}"#, None)
             .to_string()
             .contains("bad schema"));
+    }
+
+    #[test]
+    fn redaction_covers_whole_cut_and_masked_keys() {
+        let key = "sk-proj-AbCdEfGh0123456789xyzXYZ";
+        let cases = [
+            (format!("Incorrect API key provided: Bearer {key}."), "Incorrect API key provided: Bearer <redacted>."),
+            (format!("key {} cut", &key[..14]), "key <redacted> cut"),
+            (format!("masked {}****{}", &key[..12], &key[key.len() - 10..]), "masked <redacted>****<redacted>"),
+            ("nothing here, sk-other".to_string(), "nothing here, sk-other"),
+            (format!("ünïcödé {key}é"), "ünïcödé <redacted>é"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(redact_secret(&text, key), want, "{text}");
+        }
+        assert_eq!(redact_secret("short", key), "short");
+    }
+
+    #[test]
+    fn absurd_retry_after_is_capped_not_a_panic() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("retry-after", "1e300".parse().unwrap());
+        assert_eq!(retry_after_from_headers(&h), Some(Duration::from_secs(600)));
+        h.insert("retry-after-ms", "1e300".parse().unwrap());
+        assert_eq!(retry_after_from_headers(&h), Some(Duration::from_secs(600)));
     }
 
     #[test]

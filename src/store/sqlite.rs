@@ -22,6 +22,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use super::{Inserted, ListQuery, StoreError, TopicStore};
+use crate::config::Durability;
 use crate::llm::BoxFuture;
 use crate::state::{JournalRecord, Submission, TopicState, TopicStatus, TopicSummary};
 
@@ -85,15 +86,25 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `path` and starts the
-    /// writer thread. Fails if the file's schema is newer than this build.
+    /// Opens (creating if needed) the database at `path` with the default
+    /// durability (`process`) and starts the writer thread. Fails if the
+    /// file's schema is newer than this build.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        Self::open_with(path, Durability::default())
+    }
+
+    /// `open` with an explicit durability. Missing parent directories are
+    /// created mode 0700, and the database file (with its `-wal` and `-shm`
+    /// companions, which SQLite creates with the database's mode) is made
+    /// 0600 whatever the umask: drafts and approval notes are private.
+    pub fn open_with(path: &Path, durability: Durability) -> Result<SqliteStore, StoreError> {
         if let Some(parent) = path.parent() {
             if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent)
+                super::files::create_private_dir(parent)
                     .map_err(|e| StoreError::Io(format!("creating {}: {e}", parent.display())))?;
             }
         }
+        make_private_file(path).map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
         let at = |e: rusqlite::Error| StoreError::Database(format!("{}: {e}", path.display()));
 
         let mut conn = Connection::open(path).map_err(at)?;
@@ -101,13 +112,13 @@ impl SqliteStore {
         // Checked before any pragma that changes the file, so a database from
         // a newer build is left exactly as it was.
         check_version(&conn, path)?;
-        // WAL + synchronous=NORMAL: a commit is appended to the WAL with a
-        // write() but not fsync'ed; the fsync happens at checkpoints. A
-        // committed transaction therefore survives the process dying at any
-        // point (kill -9, panic, OOM kill), which is the durability this
-        // store promises. It may lose the last commits on a power loss or OS
-        // crash; `synchronous=FULL` would cover that at the cost of an fsync
-        // per commit (group commit keeps that affordable if ever needed).
+        // WAL + synchronous=NORMAL (`process`): a commit is appended to the
+        // WAL with a write() but not fsync'ed; the fsync happens at
+        // checkpoints. A committed transaction therefore survives the process
+        // dying at any point (kill -9, panic, OOM kill). It may lose the last
+        // commits on a power loss or OS crash; `power` (synchronous=FULL)
+        // covers that with an fsync of the WAL per commit, which group commit
+        // shares between every op of a batch.
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(at)?;
         if !mode.eq_ignore_ascii_case("wal") {
             // Without WAL the read connection and the writer would block
@@ -117,7 +128,11 @@ impl SqliteStore {
                 path.display()
             )));
         }
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(at)?;
+        let synchronous = match durability {
+            Durability::Process => "NORMAL",
+            Durability::Power => "FULL",
+        };
+        conn.pragma_update(None, "synchronous", synchronous).map_err(at)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(at)?;
         create_schema(&mut conn, path)?;
 
@@ -179,6 +194,30 @@ impl SqliteStore {
             .map_err(|e| StoreError::Database(format!("store read task failed: {e}")))?
         })
     }
+}
+
+/// Creates `path` empty with mode 0600 if it does not exist, so SQLite opens
+/// a file the umask never widened; an existing file (and its `-wal`/`-shm`)
+/// is narrowed to 0600.
+fn make_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let file = Path::new(&name);
+        match std::fs::metadata(file) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))?
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 impl Drop for SqliteStore {
