@@ -15,6 +15,7 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod web;
 pub mod workflow;
 
 pub use engine::{EngineError, EngineOptions, Scriptorium, SubmitReceipt, SubmitRequest};

@@ -1,6 +1,6 @@
 //! `scriptorium daemon`: opens the store, starts the engine (which resumes
-//! unfinished topics), binds the socket(s) and the metrics endpoint, logs one
-//! line when ready, and drains on SIGTERM/SIGINT within
+//! unfinished topics), binds the socket(s), the web console and the metrics
+//! endpoint, logs one line when ready, and drains on SIGTERM/SIGINT within
 //! `daemon.shutdown_grace_s`. Exit 0 after a clean drain; non-zero when
 //! supervision escalated.
 
@@ -74,6 +74,7 @@ pub async fn run(
         }
         None => None,
     };
+    let web = scriptorium::web::bind(&config.daemon).await?;
 
     let engine =
         Scriptorium::start(config, EngineOptions { store: Some(store), files, ..EngineOptions::default() }).await?;
@@ -102,9 +103,16 @@ pub async fn run(
             .await
         }));
     }
+    let web = web.map(|w| {
+        let mut rx = stop_rx.clone();
+        w.serve(engine.clone(), async move {
+            let _ = rx.wait_for(|s| *s).await;
+        })
+    });
     tracing::info!(
         socket = %socket_path.display(),
         tcp = ?tcp_addr,
+        web = ?web.as_ref().and_then(|w| w.addr()),
         metrics = ?metrics_addr,
         provider = engine.provider_name(),
         "scriptorium daemon ready"
@@ -119,6 +127,9 @@ pub async fn run(
             Ok(_) => {}
             Err(_) => tracing::warn!("listener did not stop in time"),
         }
+    }
+    if let Some(web) = web {
+        web.join(Duration::from_secs(5)).await;
     }
     server::remove_socket(&socket_path);
     let cut = engine.shutdown(grace).await;
