@@ -372,3 +372,42 @@ async fn event_stream_reports_a_topics_moves() {
     assert!(!seen.contains("Why is the sky blue"), "events carry ids, not text");
     console.stop().await;
 }
+
+#[tokio::test]
+async fn the_daemon_serves_the_console_and_stops_it_on_sigterm() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_scriptorium"))
+        .arg("daemon")
+        .env("SCRIPTORIUM_LLM__PROVIDER", "simulated")
+        .env("SCRIPTORIUM_DAEMON__DATA_DIR", dir.path())
+        .env("SCRIPTORIUM_DAEMON__METRICS_ADDR", "")
+        .env("SCRIPTORIUM_DAEMON__WEB_ADDR", format!("127.0.0.1:{port}"))
+        .env_remove("SCRIPTORIUM_DAEMON__WEB_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let page = loop {
+        if let Ok(r) = client().get(&url).send().await {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the daemon's console never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(page.status(), StatusCode::OK);
+    assert_security_headers("daemon GET /", page.headers());
+    assert!(page.text().await.unwrap().contains("Submit a topic"));
+    // An open live stream does not hold the daemon up.
+    let mut events = client().get(format!("{url}events")).send().await.unwrap();
+    let _ = events.chunk().await.unwrap();
+    let pid = child.id().unwrap() as i32;
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = tokio::time::timeout(WAIT, child.wait()).await.expect("the daemon did not stop").unwrap();
+    assert!(status.success(), "{status}");
+    assert!(client().get(&url).send().await.is_err(), "the console stopped with the daemon");
+}
