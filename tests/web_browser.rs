@@ -155,9 +155,24 @@ impl Browser {
         }
     }
 
+    /// Ends the session (the browser quits); `Drop` stops chromedriver.
     async fn close(mut self) {
         if let Some(c) = self.client.take() {
             let _ = c.close().await;
+        }
+    }
+}
+
+/// A failed assertion skips `close`: still end what we started — the
+/// browser chromedriver launched for us (its child), then chromedriver.
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let driver = self.driver.id();
+        if let Ok(children) = std::fs::read_to_string(format!("/proc/{driver}/task/{driver}/children")) {
+            for pid in children.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                // SAFETY: signalling a process we started (chromedriver's child).
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
         }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
