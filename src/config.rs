@@ -229,6 +229,12 @@ pub struct DaemonConfig {
     pub metrics_connection_timeout_s: f64,
     /// Also write `<data_dir>/topics/<id>.json` after every step.
     pub topic_files: bool,
+    /// Web console (`host:port`); empty disables it. A non-loopback address
+    /// needs `web_token`.
+    pub web_addr: String,
+    /// Shared secret the web console asks for (bearer header or login
+    /// form); empty means no login, allowed on loopback only.
+    pub web_token: Secret,
 }
 
 impl Default for DaemonConfig {
@@ -244,6 +250,8 @@ impl Default for DaemonConfig {
             metrics_header_timeout_s: 5.0,
             metrics_connection_timeout_s: 30.0,
             topic_files: true,
+            web_addr: "127.0.0.1:8765".into(),
+            web_token: Secret::default(),
         }
     }
 }
@@ -267,6 +275,66 @@ pub enum Durability {
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     pub durability: Durability,
+}
+
+/// A secret read from the config or environment: `Debug` never shows it,
+/// so a logged config cannot leak it.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.trim().is_empty()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_empty() { "Secret(empty)" } else { "Secret(redacted)" })
+    }
+}
+
+/// Shortest `daemon.web_token` accepted: a guessable token on a network
+/// listener is no protection.
+pub const MIN_WEB_TOKEN_CHARS: usize = 16;
+
+impl DaemonConfig {
+    /// The web console's address, or `None` when `web_addr` is empty.
+    /// Refuses a non-loopback address without `web_token` (the console can
+    /// approve and reject topics), and a token shorter than
+    /// `MIN_WEB_TOKEN_CHARS`. The error never shows the token.
+    pub fn web_listen(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        let addr = self.web_addr.trim();
+        if addr.is_empty() {
+            return Ok(None);
+        }
+        let addr: std::net::SocketAddr = addr
+            .parse()
+            .map_err(|_| invalid("daemon.web_addr", format!("`{addr}` is not an address like 127.0.0.1:8765")))?;
+        let token = self.web_token.expose().trim();
+        if !token.is_empty() && token.chars().count() < MIN_WEB_TOKEN_CHARS {
+            return Err(invalid("daemon.web_token", format!("must be at least {MIN_WEB_TOKEN_CHARS} characters")));
+        }
+        if token.is_empty() && !addr.ip().is_loopback() {
+            return Err(invalid(
+                "daemon.web_token",
+                format!(
+                    "daemon.web_addr `{addr}` is not a loopback address: set daemon.web_token \
+                     (SCRIPTORIUM_DAEMON__WEB_TOKEN) so the console asks for it, or bind 127.0.0.1"
+                ),
+            ));
+        }
+        Ok(Some(addr))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -502,6 +570,7 @@ impl Config {
         if !(ep.is_empty() || ep.starts_with("http://") || ep.starts_with("https://")) {
             return Err(invalid("telemetry.otlp_endpoint", "must be empty or start with http:// or https://"));
         }
+        self.daemon.web_listen()?;
         for (name, kind) in &self.kinds {
             let key = |field: &str| format!("kinds.{name}.{field}");
             if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
@@ -734,6 +803,8 @@ mod tests {
             "supervision.max_restarts",
             "supervision.window_s",
             "supervision.step_timeout_s",
+            "supervision.stage_workers",
+            "retry.max_retry_after_s",
             "workflow.variants",
             "workflow.max_revisions",
             "workflow.approval_min_score",
@@ -762,6 +833,25 @@ mod tests {
     }
 
     #[test]
+    fn web_console_addr_and_token() {
+        let c = Config::from_toml_str("", &[]).unwrap();
+        assert_eq!(c.daemon.web_listen().unwrap(), Some("127.0.0.1:8765".parse().unwrap()));
+        let token = "a-long-enough-web-token";
+        let c = Config::from_toml_str(
+            "",
+            &env(&[("SCRIPTORIUM_DAEMON__WEB_ADDR", "0.0.0.0:9000"), ("SCRIPTORIUM_DAEMON__WEB_TOKEN", token)]),
+        )
+        .unwrap();
+        assert_eq!(c.daemon.web_listen().unwrap(), Some("0.0.0.0:9000".parse().unwrap()));
+        assert_eq!(c.daemon.web_token.expose(), token);
+        assert!(!format!("{c:?}").contains(token), "Debug must not show the token");
+        let off = Config::from_toml_str("[daemon]\nweb_addr = \"\"\n", &[]).unwrap();
+        assert_eq!(off.daemon.web_listen().unwrap(), None);
+        let err = Config::from_toml_str("", &env(&[("SCRIPTORIUM_DAEMON__WEB_ADDR", "[::]:8765")])).unwrap_err();
+        assert!(err.to_string().contains("web_token"), "{err}");
+    }
+
+    #[test]
     fn unknown_and_bad_keys_name_the_key() {
         type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
         let cases: &[Case] = &[
@@ -772,6 +862,9 @@ mod tests {
             ("[workflow]\napproval_min_score = 11\n", &[], "workflow.approval_min_score"),
             ("[workflow]\ndefault_kind = \"poem\"\n", &[], "workflow.default_kind"),
             ("[llm.simulated]\nerror_rate = 2.0\n", &[], "llm.simulated.error_rate"),
+            ("", &[("SCRIPTORIUM_DAEMON__WEB_ADDR", "0.0.0.0:8765")], "daemon.web_token"),
+            ("", &[("SCRIPTORIUM_DAEMON__WEB_ADDR", "localhost")], "daemon.web_addr"),
+            ("", &[("SCRIPTORIUM_DAEMON__WEB_TOKEN", "short")], "daemon.web_token"),
         ];
         for (text, vars, key) in cases {
             let err = Config::from_toml_str(text, &env(vars)).unwrap_err().to_string();

@@ -17,6 +17,7 @@ pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod traces;
+pub mod web;
 pub mod workflow;
 
 pub use engine::{EngineError, EngineOptions, Scriptorium, SubmitReceipt, SubmitRequest};

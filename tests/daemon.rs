@@ -39,6 +39,7 @@ fn daemon_env(dir: &Path, server: &MockServer, extra: &[(&str, &str)]) -> Vec<(S
         ("OPENAI_BASE_URL".into(), format!("{}/v1", server.uri())),
         ("SCRIPTORIUM_DAEMON__DATA_DIR".into(), dir.display().to_string()),
         ("SCRIPTORIUM_DAEMON__METRICS_ADDR".into(), "".into()),
+        ("SCRIPTORIUM_DAEMON__WEB_ADDR".into(), "".into()),
         ("SCRIPTORIUM_LIMITS__REQUESTS_PER_MINUTE".into(), "0".into()),
         ("SCRIPTORIUM_LIMITS__TOKENS_PER_MINUTE".into(), "0".into()),
         ("SCRIPTORIUM_RETRY__INITIAL_BACKOFF_MS".into(), "10".into()),

@@ -32,6 +32,8 @@ fn repo_path(rel: &str) -> PathBuf {
 fn bare(cwd: &Path) -> Command {
     let mut c = Command::new(BIN);
     c.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default()).current_dir(cwd);
+    // Daemons run in parallel here: each console on a port of its own.
+    c.env("SCRIPTORIUM_DAEMON__WEB_ADDR", "127.0.0.1:0");
     c
 }
 

@@ -2,7 +2,7 @@
 //! settings) before touching the disk, raises the soft open-files limit,
 //! binds the metrics endpoint and the socket(s), opens the store, brings the
 //! topic files up to date with it, starts the engine (which resumes
-//! unfinished topics), logs one line and tells systemd `READY=1` when the
+//! unfinished topics), serves the web console, logs one line and tells systemd `READY=1` when the
 //! socket accepts, and drains on SIGTERM/SIGINT (`STOPPING=1`) within
 //! `daemon.shutdown_grace_s`. Exit 0 after a clean drain; 4 when
 //! supervision escalated.
@@ -102,6 +102,7 @@ pub async fn run(
         }
         None => None,
     };
+    let web = scriptorium::web::bind(&config.daemon).await?;
 
     paths::create_private_dir(&data_dir).with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
     if let Some(dir) = socket_path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -167,11 +168,18 @@ pub async fn run(
             .await
         }));
     }
+    let web = web.map(|w| {
+        let mut rx = stop_rx.clone();
+        w.serve(engine.clone(), async move {
+            let _ = rx.wait_for(|s| *s).await;
+        })
+    });
     tracing::info!(
         socket = %socket_path.display(),
         state_dir = %data_dir.display(),
         config = %source.describe(),
         tcp = ?tcp_addr,
+        web = ?web.as_ref().and_then(|w| w.addr()),
         metrics = ?metrics_addr,
         traces = traces.as_deref().unwrap_or("off"),
         provider = engine.provider_name(),
@@ -190,6 +198,9 @@ pub async fn run(
             Ok(_) => {}
             Err(_) => tracing::warn!("listener did not stop in time"),
         }
+    }
+    if let Some(web) = web {
+        web.join(Duration::from_secs(5)).await;
     }
     server::remove_socket(&socket_path);
     let cut = engine.shutdown(grace).await;

@@ -471,6 +471,7 @@ pub async fn crash(results: &Path, topics: usize) -> anyhow::Result<()> {
         ("OPENAI_BASE_URL", server.base_url()),
         ("SCRIPTORIUM_DAEMON__DATA_DIR", dir.display().to_string()),
         ("SCRIPTORIUM_DAEMON__METRICS_ADDR", String::new()),
+        ("SCRIPTORIUM_DAEMON__WEB_ADDR", String::new()),
         ("SCRIPTORIUM_LIMITS__REQUESTS_PER_MINUTE", "0".to_string()),
         ("SCRIPTORIUM_LIMITS__TOKENS_PER_MINUTE", "0".to_string()),
         ("RUST_LOG", "warn".to_string()),
