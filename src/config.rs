@@ -41,6 +41,7 @@ pub struct Config {
     pub workflow: WorkflowConfig,
     pub daemon: DaemonConfig,
     pub chaos: ChaosConfig,
+    pub store: StoreConfig,
     pub prompts: PromptsConfig,
     /// Workflow kinds by name (`article`, `tutorial`, …).
     pub kinds: BTreeMap<String, KindConfig>,
@@ -237,6 +238,40 @@ impl DaemonConfig {
     }
 }
 
+/// Where topics, the queue and the shared rate limit live.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// One daemon: an SQLite file in `daemon.data_dir`, an in-process queue
+    /// and limiter.
+    #[default]
+    Sqlite,
+    /// Several daemons share one Redis: queue, journal, idempotency keys and
+    /// the rate limit.
+    Redis,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    /// Redis URL (`redis://host:port/db` or `unix:///path/redis.sock`),
+    /// used when `backend = "redis"`. A password in it is never logged.
+    pub url: String,
+    /// Seconds a claimed topic stays leased without a renewal; past that
+    /// another daemon takes it over.
+    pub lease_s: f64,
+    /// Claims of one topic (its first included) after which it is moved to
+    /// the `dead_letter` status instead of being run again.
+    pub max_deliveries: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { backend: StoreBackend::Sqlite, url: "redis://127.0.0.1:6379/0".into(), lease_s: 30.0, max_deliveries: 5 }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct ChaosConfig {
@@ -428,6 +463,19 @@ impl Config {
             ));
         }
         positive("daemon.shutdown_grace_s", self.daemon.shutdown_grace_s)?;
+        if !(self.store.lease_s.is_finite() && self.store.lease_s >= 1.0 && self.store.lease_s <= 3600.0) {
+            return Err(invalid("store.lease_s", "must be between 1 and 3600 seconds"));
+        }
+        if self.store.max_deliveries == 0 {
+            return Err(invalid("store.max_deliveries", "must be at least 1"));
+        }
+        if self.store.backend == StoreBackend::Redis {
+            let url = self.store.url.as_str();
+            let known = ["redis://", "rediss://", "unix://", "redis+unix://"];
+            if !known.iter().any(|p| url.starts_with(p)) {
+                return Err(invalid("store.url", "must start with redis://, rediss:// or unix://"));
+            }
+        }
         if self.daemon.max_connections == 0 {
             return Err(invalid("daemon.max_connections", "must be at least 1"));
         }
@@ -611,6 +659,24 @@ mod tests {
     }
 
     #[test]
+    fn store_keys_come_from_the_environment() {
+        let c = Config::from_toml_str(
+            "[store]\nbackend = \"sqlite\"\n",
+            &env(&[
+                ("SCRIPTORIUM_STORE__BACKEND", "redis"),
+                ("SCRIPTORIUM_STORE__URL", "unix:///run/redis/redis.sock"),
+                ("SCRIPTORIUM_STORE__LEASE_S", "5"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.store.backend, StoreBackend::Redis);
+        assert_eq!(c.store.url, "unix:///run/redis/redis.sock");
+        assert_eq!(c.store.lease_s, 5.0);
+        let d = Config::from_toml_str("", &[]).unwrap();
+        assert_eq!((d.store.backend, d.store.lease_s), (StoreBackend::Sqlite, 30.0));
+    }
+
+    #[test]
     fn unknown_and_bad_keys_name_the_key() {
         type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
         let cases: &[Case] = &[
@@ -621,6 +687,9 @@ mod tests {
             ("[workflow]\napproval_min_score = 11\n", &[], "workflow.approval_min_score"),
             ("[workflow]\ndefault_kind = \"poem\"\n", &[], "workflow.default_kind"),
             ("[llm.simulated]\nerror_rate = 2.0\n", &[], "llm.simulated.error_rate"),
+            ("[store]\nbackend = \"mysql\"\n", &[], "store.backend"),
+            ("[store]\nlease_s = 0.5\n", &[], "store.lease_s"),
+            ("", &[("SCRIPTORIUM_STORE__BACKEND", "redis"), ("SCRIPTORIUM_STORE__URL", "http://x")], "store.url"),
         ];
         for (text, vars, key) in cases {
             let err = Config::from_toml_str(text, &env(vars)).unwrap_err().to_string();

@@ -282,7 +282,7 @@ fn done(out: OutputArgs, raw: &str, human: &str) -> anyhow::Result<ExitCode> {
 /// Completed or parked for approval is success; failed or cancelled is not.
 fn exit_for(status: TopicStatus) -> ExitCode {
     match status {
-        TopicStatus::Failed | TopicStatus::Cancelled => ExitCode::FAILURE,
+        TopicStatus::Failed | TopicStatus::Cancelled | TopicStatus::DeadLetter => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
     }
 }
@@ -455,7 +455,9 @@ async fn submit(client: &mut Client, args: SubmitArgs) -> anyhow::Result<ExitCod
         let summaries: Vec<TopicSummary> = states.iter().map(TopicSummary::from).collect();
         print_table(&summaries)?;
     }
-    let failed = states.iter().any(|s| matches!(s.status, TopicStatus::Failed | TopicStatus::Cancelled));
+    let failed = states
+        .iter()
+        .any(|s| matches!(s.status, TopicStatus::Failed | TopicStatus::Cancelled | TopicStatus::DeadLetter));
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 

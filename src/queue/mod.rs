@@ -10,6 +10,8 @@
 //! leases, `XAUTOCLAIM` of leases idle past a deadline) fits behind the same
 //! trait. Must not: hold topic state, call a model, or decide workflow steps.
 
+pub mod redis;
+
 use std::time::Duration;
 
 use crate::llm::BoxFuture;
