@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use scriptorium::config::Config;
+use scriptorium::config::{Config, StoreBackend};
 use scriptorium::server::{self, ServerOptions};
 use scriptorium::store::files::FileMirror;
 use scriptorium::store::sqlite::SqliteStore;
@@ -44,6 +44,16 @@ pub async fn run(
 ) -> anyhow::Result<ExitCode> {
     telemetry::init_tracing(log_format, "info");
     let config = Config::load(config_path.as_deref())?;
+    if config.store.backend == StoreBackend::Redis {
+        // The Redis queue, store and limiter exist (src/queue/redis.rs,
+        // src/store/redis.rs, src/llm/limiter_redis.rs) but the engine has
+        // no queue runner to drive them yet: refuse rather than run several
+        // daemons that would each resume every topic.
+        anyhow::bail!(
+            "config: `store.backend`: \"redis\" is not wired into the daemon yet (the shared queue needs the \
+             runtime core's queue runner); use \"sqlite\""
+        );
+    }
     let data_dir = config.daemon.data_dir.clone();
     std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
     let socket_path = socket.unwrap_or_else(|| config.daemon.socket_path());
