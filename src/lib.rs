@@ -11,6 +11,7 @@ pub mod events;
 pub mod fake_openai;
 pub mod llm;
 pub mod queue;
+pub mod scaleout;
 pub mod server;
 pub mod state;
 pub mod store;
