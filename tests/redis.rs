@@ -496,3 +496,10 @@ async fn the_shared_limiter_keeps_two_daemons_under_the_servers_own_limit() {
     println!("per-process limiters, two daemons: {ok} answered, {refused} x 429");
     assert!(refused > 0, "the control should overshoot the server's limit");
 }
+
+#[tokio::test]
+async fn an_unreachable_redis_is_a_clear_error_without_the_password() {
+    let err = RedisStore::connect("redis://:hunter2-secret@127.0.0.1:1/0").await.unwrap_err().to_string();
+    assert!(err.contains("127.0.0.1:1") && !err.contains("hunter2"), "{err}");
+    assert!(!err.contains('\n'), "one line: {err}");
+}

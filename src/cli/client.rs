@@ -104,7 +104,7 @@ pub enum ClientCommand {
     /// List topics (oldest first).
     List {
         /// Only topics with this status (queued, running, awaiting_approval,
-        /// completed, failed, cancelled).
+        /// completed, failed, cancelled, dead_letter).
         #[arg(long, value_name = "S")]
         status: Option<String>,
         /// Page size (default 100, max 10000).
