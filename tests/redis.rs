@@ -503,3 +503,83 @@ async fn an_unreachable_redis_is_a_clear_error_without_the_password() {
     assert!(err.contains("127.0.0.1:1") && !err.contains("hunter2"), "{err}");
     assert!(!err.contains('\n'), "one line: {err}");
 }
+
+/// A minimal runner over the queue and the store (what the engine's topic
+/// runner does, without models): claim, resume from the journal, record
+/// two steps under the lease, renew between them, ack. Returns when told
+/// to stop or, with `die_after`, vanishes (no release, no ack) once it has
+/// started that many topics — a daemon killed with -9.
+async fn worker(
+    q: RedisQueue,
+    store: RedisStore,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    die_after: Option<usize>,
+) -> (usize, usize) {
+    let (mut completed, mut fenced, mut started) = (0, 0, 0);
+    while !stop.load(Ordering::Relaxed) {
+        for lease in q.claim(4, Duration::from_millis(100)).await.unwrap() {
+            let mut state = store.load(&lease.topic_id).await.unwrap().unwrap();
+            if state.status.is_terminal() {
+                q.ack(&lease).await.unwrap();
+                continue;
+            }
+            if state.status == TopicStatus::Queued {
+                if let Err(e) = journal(&store, &mut state, JournalRecord::Started, Some(&lease)).await {
+                    assert!(matches!(e, StoreError::Fenced(_)), "{e}");
+                    fenced += 1;
+                    continue;
+                }
+                started += 1;
+                if die_after == Some(started) {
+                    return (completed, fenced); // killed mid-topic
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if !q.renew(&lease).await.unwrap() {
+                fenced += 1;
+                continue;
+            }
+            match journal(&store, &mut state, JournalRecord::Completed, Some(&lease)).await {
+                Ok(()) => {
+                    completed += 1;
+                    q.ack(&lease).await.unwrap();
+                }
+                Err(StoreError::Fenced(_)) => fenced += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    (completed, fenced)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_one_queue_and_a_dead_ones_topics_complete_once() {
+    let r = RedisServer::start();
+    let store = RedisStore::connect(&r.url()).await.unwrap();
+    let submitter = queue(&r, "submitter", 500).await;
+    let n = 60;
+    for i in 0..n {
+        let s = topic(&format!("t{i:03}"), None);
+        store.insert(&s).await.unwrap();
+        submitter.push(&s.id).await.unwrap();
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let a = tokio::spawn(worker(queue(&r, "a", 500).await, store.clone(), Arc::clone(&stop), Some(5)));
+    let b = tokio::spawn(worker(queue(&r, "b", 500).await, store.clone(), Arc::clone(&stop), None));
+    let (a_done, _) = a.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.counts().await.unwrap()["completed"] < n as u64 {
+        assert!(Instant::now() < deadline, "not all topics completed: {:?}", store.counts().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (b_done, _) = b.await.unwrap();
+    assert_eq!(a_done + b_done, n, "each topic completed exactly once (a: {a_done}, b: {b_done})");
+    for i in 0..n {
+        let id = format!("t{i:03}");
+        let kinds = r.cli(&["LRANGE", &format!("scriptorium:{{t:{id}}}:journal"), "0", "-1"]);
+        assert_eq!(kinds.lines().count(), 2, "{id}: one Started and one Completed, none twice:\n{kinds}");
+    }
+    assert_eq!(r.cli(&["XLEN", "scriptorium:{q}:stream"]), "0", "every topic acked");
+    println!("two workers: a completed {a_done} before dying mid-topic, b completed {b_done} (took over a's)");
+}
