@@ -147,6 +147,9 @@ pub struct RetryConfig {
     pub max_backoff_ms: u64,
     pub budget_percent: u32,
     pub budget_min_per_s: u32,
+    /// Longest server `retry-after` obeyed (seconds); a longer one is cut to
+    /// this, as OpenAI's SDKs do (they obey 0–60 s).
+    pub max_retry_after_s: f64,
 }
 
 impl Default for RetryConfig {
@@ -157,6 +160,7 @@ impl Default for RetryConfig {
             max_backoff_ms: 8000,
             budget_percent: 20,
             budget_min_per_s: 10,
+            max_retry_after_s: 60.0,
         }
     }
 }
@@ -166,14 +170,17 @@ impl Default for RetryConfig {
 pub struct SupervisionConfig {
     pub max_restarts: u32,
     pub window_s: f64,
-    /// Upper bound on one step (all its attempts); a stage call that has not
-    /// answered by then is treated as lost and re-sent.
+    /// A stage worker still busy with one attempt of a step after this long
+    /// is stopped and replaced; the attempt counts as failed (`timeout`).
     pub step_timeout_s: f64,
+    /// Workers in each stage's pool: the stage's concurrency. Jobs beyond it
+    /// wait in the stage's queue.
+    pub stage_workers: usize,
 }
 
 impl Default for SupervisionConfig {
     fn default() -> Self {
-        Self { max_restarts: 50, window_s: 10.0, step_timeout_s: 900.0 }
+        Self { max_restarts: 50, window_s: 10.0, step_timeout_s: 300.0, stage_workers: 256 }
     }
 }
 
@@ -319,9 +326,6 @@ pub struct KindConfig {
     /// code, instead of asking for markdown. Constrained decoding then
     /// guarantees the structure even on a weak local model.
     pub structured_draft: bool,
-    /// Prompt templates filled for this kind, set by `Config::load`.
-    #[serde(skip)]
-    pub rendered: crate::workflow::prompts::RenderedPrompts,
 }
 
 impl Default for KindConfig {
@@ -336,7 +340,6 @@ impl Default for KindConfig {
             max_sections: 5,
             require_approval: false,
             structured_draft: false,
-            rendered: Default::default(),
         }
     }
 }
@@ -388,16 +391,6 @@ impl Config {
             config.kinds = default_kinds();
         }
         config.validate()?;
-        let rendered: Vec<(String, crate::workflow::prompts::RenderedPrompts)> = config
-            .kinds
-            .iter()
-            .map(|(name, k)| (name.clone(), crate::workflow::prompts::render_kind(&config, k)))
-            .collect();
-        for (name, r) in rendered {
-            if let Some(k) = config.kinds.get_mut(&name) {
-                k.rendered = r;
-            }
-        }
         Ok(config)
     }
 
@@ -446,6 +439,12 @@ impl Config {
         }
         positive("supervision.window_s", self.supervision.window_s)?;
         positive("supervision.step_timeout_s", self.supervision.step_timeout_s)?;
+        if !(1..=4096).contains(&self.supervision.stage_workers) {
+            return Err(invalid("supervision.stage_workers", "must be between 1 and 4096"));
+        }
+        if !(0.0..=3600.0).contains(&self.retry.max_retry_after_s) {
+            return Err(invalid("retry.max_retry_after_s", "must be between 0 and 3600 seconds"));
+        }
         if self.workflow.variants == 0 || self.workflow.variants > 16 {
             return Err(invalid("workflow.variants", "must be between 1 and 16"));
         }
@@ -609,7 +608,6 @@ pub fn default_kinds() -> BTreeMap<String, KindConfig> {
             max_sections: 3,
             require_approval: false,
             structured_draft: true,
-            rendered: Default::default(),
         },
     );
     kinds

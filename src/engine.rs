@@ -4,7 +4,7 @@
 //! `health`, `shutdown`.
 //!
 //! Owns: validation of submissions, idempotency, wiring (provider, limiter,
-//! supervisor, coordinator, store), resume on start. Must not: speak any
+//! stage pools, admission, dispatcher, store, queue), resume on start. Must not: speak any
 //! wire protocol (that is `server/`), or run workflow steps (actors do).
 
 use std::collections::{BTreeMap, HashMap};
@@ -15,18 +15,22 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorRef};
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
 
-use crate::actors::coordinator::{CancelOutcome, Coordinator, CoordinatorArgs, CoordinatorMsg, LiveTopic, TopicRunner};
-use crate::actors::supervisor::{StageSupervisor, SupervisorArgs, SupervisorMsg};
-use crate::actors::{Services, StageDirectory};
+use crate::actors::admission::{Admission, AdmissionArgs, AdmissionMsg};
+use crate::actors::pool::StagePools;
+use crate::actors::runner::{LiveTopic, RunnerParts, TopicRunner};
+use crate::actors::Services;
 use crate::config::Config;
 use crate::events::{EventBus, TopicEvent};
 use crate::llm::limiter::{GovernorLimiter, LimiterSnapshot, RateLimit};
 use crate::llm::retry::{CallerParts, RetryBudget, RetryPolicy, StepCaller};
 use crate::llm::{build_provider, LlmProvider};
+use crate::queue::memory::MemoryQueue;
+use crate::queue::TopicQueue;
 use crate::state::{now_ms, JournalRecord, Submission, TopicState, TopicStatus, TopicSummary};
 use crate::store::files::FileMirror;
-use crate::store::{Inserted, ListQuery, TopicStore};
+use crate::store::{Inserted, ListQuery, StoreError, TopicStore};
 use crate::workflow::prompts::normalize_topic;
 
 /// Errors callers branch on; `code()` is the stable wire code.
@@ -44,6 +48,10 @@ pub enum EngineError {
     InvalidState(String),
     #[error("timed out waiting for topic `{0}`")]
     Timeout(String),
+    /// The store refuses writes (a full disk, a lost database): nothing was
+    /// changed; try again once `health` shows the store ok.
+    #[error("store unavailable: {0}")]
+    StoreUnavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -57,6 +65,7 @@ impl EngineError {
             EngineError::Busy(_) => "busy",
             EngineError::InvalidState(_) => "invalid_state",
             EngineError::Timeout(_) => "timeout",
+            EngineError::StoreUnavailable(_) => "store_unavailable",
             EngineError::Internal(_) => "internal",
         }
     }
@@ -64,6 +73,18 @@ impl EngineError {
 
 fn internal(e: impl std::fmt::Display) -> EngineError {
     EngineError::Internal(e.to_string())
+}
+
+fn store_error(e: StoreError) -> EngineError {
+    match e {
+        StoreError::Io(_) | StoreError::Database(_) | StoreError::Closed => {
+            EngineError::StoreUnavailable(e.to_string())
+        }
+        StoreError::Corrupt(_) | StoreError::Fenced(_) => internal(e),
+        // A shared store refused a decision the topic's status no longer
+        // allows (another daemon decided first).
+        StoreError::Conflict { .. } => EngineError::InvalidState(e.to_string()),
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -89,6 +110,14 @@ pub struct EngineOptions {
     pub files: Option<FileMirror>,
     /// Overrides the provider chosen by `llm.provider` (tests, benches).
     pub provider: Option<Arc<dyn LlmProvider>>,
+    /// The topic queue; the in-memory one when `None`.
+    pub queue: Option<Arc<dyn TopicQueue>>,
+    /// How often a claimed topic's lease is renewed, for a queue whose
+    /// leases expire; `None` for the in-memory queue.
+    pub lease_renew_every: Option<Duration>,
+    /// The rate limiter (a shared one for several daemons); the in-process
+    /// `GovernorLimiter` from `[limits]` when `None`.
+    pub limiter: Option<Arc<dyn RateLimit>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -102,20 +131,24 @@ pub struct Health {
     pub queued: usize,
     pub limiter: LimiterSnapshot,
     pub escalated: Option<String>,
+    /// `ok`, or `degraded: <error>` while the store refuses writes (topics
+    /// wait and retry; submits answer `store_unavailable`).
+    pub store: String,
 }
 
 struct Inner {
     config: Arc<Config>,
     runner: Arc<TopicRunner>,
-    coordinator: ActorRef<CoordinatorMsg>,
-    supervisor: ActorRef<SupervisorMsg>,
+    admission: ActorRef<AdmissionMsg>,
+    /// Stops the dispatcher from claiming more topics (drain).
+    dispatch_stop: CancellationToken,
     limiter: Arc<dyn RateLimit>,
     provider: Arc<dyn LlmProvider>,
     provider_notice: Option<String>,
     events: EventBus,
     escalation: watch::Receiver<Option<String>>,
-    /// Idempotency keys seen by this process (the store keeps them across
-    /// restarts).
+    /// Idempotency keys seen by this process when there is no store (a
+    /// store settles keys with its unique index, across restarts).
     keys: Mutex<HashMap<String, String>>,
     started: Instant,
     id_counter: AtomicU64,
@@ -128,9 +161,14 @@ pub struct Scriptorium {
     inner: Arc<Inner>,
 }
 
+/// How often `wait` re-reads a topic this process does not hold (another
+/// worker runs it, or it is queued behind a restart).
+const WAIT_POLL: Duration = Duration::from_millis(500);
+
 impl Scriptorium {
-    /// Starts the actor system, resumes unfinished topics from the store,
-    /// and returns the handle.
+    /// Starts the stage pools, the admission actor and the dispatcher,
+    /// pushes unfinished topics from the store to the queue, and returns
+    /// the handle.
     pub async fn start(config: Config, options: EngineOptions) -> Result<Scriptorium, EngineError> {
         let config = Arc::new(config);
         let (provider, provider_notice) = match options.provider {
@@ -138,7 +176,8 @@ impl Scriptorium {
             None => build_provider(&config).map_err(internal)?,
         };
         let largest = config.llm.max_output_tokens.saturating_add(16_000);
-        let limiter: Arc<dyn RateLimit> = Arc::new(GovernorLimiter::new(&config.limits, largest));
+        let limiter: Arc<dyn RateLimit> =
+            options.limiter.unwrap_or_else(|| Arc::new(GovernorLimiter::new(&config.limits, largest)));
         metrics::gauge!("scriptorium_rate_limit_requests_per_minute").set(f64::from(config.limits.requests_per_minute));
         metrics::gauge!("scriptorium_rate_limit_tokens_per_minute").set(f64::from(config.limits.tokens_per_minute));
         let caller = StepCaller::new(CallerParts {
@@ -146,44 +185,45 @@ impl Scriptorium {
             limiter: Arc::clone(&limiter),
             policy: RetryPolicy::from_config(&config.retry),
             budget: Arc::new(RetryBudget::new(&config.retry)),
-            request_timeout: std::time::Duration::from_secs_f64(config.llm.request_timeout_s),
+            request_timeout: Duration::from_secs_f64(config.llm.request_timeout_s),
+            max_retry_after: Duration::from_secs_f64(config.retry.max_retry_after_s),
         });
         let events = EventBus::default();
         let services = Arc::new(Services::new(Arc::clone(&config), caller, events.clone()));
-        let directory = Arc::new(StageDirectory::default());
-        let (escalation_tx, escalation) = watch::channel(None);
-        let (supervisor, _) = Actor::spawn(
+        let pools = Arc::new(StagePools::start(&services).await.map_err(internal)?);
+        let escalation = pools.supervision.subscribe();
+        let queue = options.queue.unwrap_or_else(|| Arc::new(MemoryQueue::new()));
+        let runner = Arc::new(TopicRunner::new(RunnerParts {
+            services,
+            pools,
+            store: options.store,
+            files: options.files,
+            queue,
+            renew_every: options.lease_renew_every,
+        }));
+        let (admission, _) = Actor::spawn(
             None,
-            StageSupervisor,
-            SupervisorArgs {
-                services: Arc::clone(&services),
-                directory: Arc::clone(&directory),
-                max_restarts: config.supervision.max_restarts,
-                window: Duration::from_secs_f64(config.supervision.window_s),
-                escalation: escalation_tx,
-            },
-        )
-        .await
-        .map_err(internal)?;
-        let runner = Arc::new(TopicRunner::new(services, directory, options.store.clone(), options.files));
-        let (coordinator, _) = Actor::spawn(
-            None,
-            Coordinator,
-            CoordinatorArgs {
-                runner: Arc::clone(&runner),
+            Admission,
+            AdmissionArgs {
                 max_in_flight: config.limits.max_in_flight_topics,
                 max_queued: config.limits.max_queued_topics,
             },
         )
         .await
         .map_err(internal)?;
+        let dispatch_stop = CancellationToken::new();
+        tokio::spawn(Arc::clone(&runner).dispatch(
+            admission.clone(),
+            config.limits.max_in_flight_topics,
+            dispatch_stop.clone(),
+        ));
         metrics::gauge!("scriptorium_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         let engine = Scriptorium {
             inner: Arc::new(Inner {
                 config,
                 runner,
-                coordinator,
-                supervisor,
+                admission,
+                dispatch_stop,
                 limiter,
                 provider,
                 provider_notice,
@@ -199,24 +239,23 @@ impl Scriptorium {
         Ok(engine)
     }
 
-    /// Re-queues every unfinished topic from the store; parks the ones
-    /// awaiting approval in memory.
+    /// Pushes every unfinished topic's id to the queue (each is loaded from
+    /// the store when claimed); topics awaiting approval stay in the store
+    /// until a human decides.
     async fn resume(&self) -> Result<(), EngineError> {
         let Some(store) = &self.inner.runner.store else { return Ok(()) };
-        let topics = store.unfinished().await.map_err(internal)?;
-        let mut resumed = 0;
-        for state in topics {
-            if let Some(key) = &state.idempotency_key {
-                self.keys().insert(key.clone(), state.id.clone());
+        let topics = store.unfinished_ids().await.map_err(store_error)?;
+        let (mut resumed, mut awaiting) = (0, 0);
+        for (id, status) in topics {
+            if status == TopicStatus::AwaitingApproval {
+                awaiting += 1;
+                continue;
             }
-            let status = state.status;
-            let live = LiveTopic::new(state);
-            self.inner.runner.add_live(Arc::clone(&live));
-            if status != TopicStatus::AwaitingApproval {
-                resumed += 1;
-                self.coordinator_cast(CoordinatorMsg::Enqueue { live, reserved: false })?;
-            }
+            self.inner.runner.queue.push(&id).await.map_err(internal)?;
+            resumed += 1;
         }
+        self.inner.runner.adjust_awaiting(awaiting);
+        self.admission_cast(AdmissionMsg::Requeued(resumed))?;
         if resumed > 0 {
             tracing::info!(resumed, "resuming unfinished topics from the store");
         }
@@ -230,18 +269,18 @@ impl Scriptorium {
         }
     }
 
-    fn coordinator_cast(&self, msg: CoordinatorMsg) -> Result<(), EngineError> {
-        self.inner.coordinator.cast(msg).map_err(|_| internal("coordinator stopped"))
+    fn admission_cast(&self, msg: AdmissionMsg) -> Result<(), EngineError> {
+        self.inner.admission.cast(msg).map_err(|_| internal("admission actor stopped"))
     }
 
-    async fn coordinator_call<T: Send + 'static>(
+    async fn admission_call<T: Send + 'static>(
         &self,
-        msg: impl FnOnce(ractor::RpcReplyPort<T>) -> CoordinatorMsg,
+        msg: impl FnOnce(ractor::RpcReplyPort<T>) -> AdmissionMsg,
     ) -> Result<T, EngineError> {
-        match self.inner.coordinator.call(msg, Some(self.inner.call_timeout)).await {
+        match self.inner.admission.call(msg, Some(self.inner.call_timeout)).await {
             Ok(ractor::rpc::CallResult::Success(v)) => Ok(v),
-            Ok(_) => Err(internal("coordinator did not answer")),
-            Err(e) => Err(internal(format!("coordinator unavailable: {e}"))),
+            Ok(_) => Err(internal("admission actor did not answer")),
+            Err(e) => Err(internal(format!("admission actor unavailable: {e}"))),
         }
     }
 
@@ -319,12 +358,13 @@ impl Scriptorium {
             return Err(EngineError::Internal(format!("engine stopped: {reason}")));
         }
         let submission = self.validate(&req)?;
-        if let Some(key) = &submission.idempotency_key {
+        let has_store = self.inner.runner.store.is_some();
+        if let (Some(key), false) = (&submission.idempotency_key, has_store) {
             if let Some(id) = self.keys().get(key) {
                 return Ok(SubmitReceipt { id: id.clone(), existing: true });
             }
         }
-        if !self.coordinator_call(CoordinatorMsg::Reserve).await? {
+        if !self.admission_call(AdmissionMsg::Reserve).await? {
             return Err(EngineError::Busy(format!(
                 "queue full ({} topics waiting, limits.max_queued_topics); try again later",
                 self.inner.config.limits.max_queued_topics
@@ -335,31 +375,35 @@ impl Scriptorium {
             match store.insert(&state).await {
                 Ok(Inserted::New) => {}
                 Ok(Inserted::Existing(id)) => {
-                    self.coordinator_cast(CoordinatorMsg::Release)?;
+                    self.admission_cast(AdmissionMsg::Release)?;
                     return Ok(SubmitReceipt { id, existing: true });
                 }
                 Err(e) => {
-                    self.coordinator_cast(CoordinatorMsg::Release)?;
-                    return Err(internal(e));
+                    self.admission_cast(AdmissionMsg::Release)?;
+                    return Err(store_error(e));
                 }
             }
-        }
-        if let Some(key) = &submission.idempotency_key {
-            // Two concurrent submits with one key: the store's unique index
-            // settles it; without a store the first to get here wins.
+        } else if let Some(key) = &submission.idempotency_key {
+            // Two concurrent submits with one key and no store: the first
+            // to get here wins.
             let mut keys = self.keys();
             if let Some(id) = keys.get(key) {
                 let id = id.clone();
                 drop(keys);
-                self.coordinator_cast(CoordinatorMsg::Release)?;
+                self.admission_cast(AdmissionMsg::Release)?;
                 return Ok(SubmitReceipt { id, existing: true });
             }
             keys.insert(key.clone(), submission.id.clone());
         }
         metrics::counter!("scriptorium_topics_submitted_total").increment(1);
-        let live = LiveTopic::new(state);
-        self.inner.runner.add_live(Arc::clone(&live));
-        self.coordinator_cast(CoordinatorMsg::Enqueue { live, reserved: true })?;
+        self.inner.runner.add_live(state);
+        if let Err(e) = self.inner.runner.queue.push(&submission.id).await {
+            // Stored but not queued: the next start pushes it (it is
+            // unfinished in the store); say so rather than pretend.
+            self.admission_cast(AdmissionMsg::Release)?;
+            return Err(internal(format!("stored but not queued ({e}); it resumes on the next start")));
+        }
+        self.admission_cast(AdmissionMsg::Queued)?;
         Ok(SubmitReceipt { id: submission.id, existing: false })
     }
 
@@ -369,26 +413,55 @@ impl Scriptorium {
             return Ok(live.snapshot());
         }
         match &self.inner.runner.store {
-            Some(store) => store.load(id).await.map_err(internal)?.ok_or_else(|| EngineError::NotFound(id.to_string())),
+            Some(store) => {
+                store.load(id).await.map_err(store_error)?.ok_or_else(|| EngineError::NotFound(id.to_string()))
+            }
             None => Err(EngineError::NotFound(id.to_string())),
         }
     }
 
     /// Waits until the topic is finished or awaiting approval.
     pub async fn wait(&self, id: &str, timeout: Option<Duration>) -> Result<TopicState, EngineError> {
-        let Some(live) = self.inner.runner.get_live(id) else { return self.get(id).await };
-        let mut rx = live.watch_status();
-        let settled = async {
-            // An error means the topic left memory: it is finished.
-            let _ = rx.wait_for(|s| s.is_settled()).await;
-        };
+        let settled = self.wait_settled(id);
         match timeout {
             Some(t) => tokio::time::timeout(t, settled).await.map_err(|_| EngineError::Timeout(id.to_string()))?,
             None => settled.await,
         }
-        // The live topic we hold is the journal replayed, final once settled:
-        // no need to read it back from the store.
-        Ok(live.snapshot())
+    }
+
+    async fn wait_settled(&self, id: &str) -> Result<TopicState, EngineError> {
+        loop {
+            if let Some(live) = self.inner.runner.get_live(id) {
+                let mut rx = live.watch_status();
+                // An error means the topic left memory: it is finished.
+                let _ = rx.wait_for(|s| s.is_settled()).await;
+                if live.lock().status.is_settled() {
+                    // The live topic is the journal replayed, final once
+                    // settled: no need to read it back from the store.
+                    return Ok(live.snapshot());
+                }
+            }
+            // Not held here (queued behind a restart, or run elsewhere):
+            // read it, and look again on its events or after a pause.
+            let mut events = self.inner.events.subscribe();
+            let state = self.get(id).await?;
+            if state.status.is_settled() {
+                return Ok(state);
+            }
+            let deadline = tokio::time::sleep(WAIT_POLL);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    _ = &mut deadline => break,
+                    event = events.recv() => match event {
+                        Ok(e) if e.topic_id == id => break,
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    },
+                }
+            }
+        }
     }
 
     pub async fn approve(&self, id: &str, note: Option<String>) -> Result<(), EngineError> {
@@ -400,7 +473,7 @@ impl Scriptorium {
     /// atomically with that check.
     async fn decide(&self, id: &str, live: &LiveTopic, record: JournalRecord) -> Result<(), EngineError> {
         let awaiting = |st: &TopicState| st.status == TopicStatus::AwaitingApproval;
-        match self.inner.runner.journal_if(live, record, awaiting).await.map_err(internal)? {
+        match self.inner.runner.journal_as(live, None, &record, awaiting).await.map_err(store_error)? {
             Some(_) => Ok(()),
             None => Err(EngineError::InvalidState(format!(
                 "topic `{id}` is {}, not awaiting_approval",
@@ -417,47 +490,59 @@ impl Scriptorium {
         }
         let live = self.awaiting(id).await?;
         self.decide(id, &live, JournalRecord::Rejected { note, at_ms: now_ms() }).await?;
-        self.coordinator_cast(CoordinatorMsg::Enqueue { live, reserved: false })
+        // A shared queue may hand the topic to another daemon: do not keep a
+        // copy here that would go stale (reads then come from the store).
+        if self.inner.runner.shares_queue() {
+            self.inner.runner.live_map().remove(id);
+        }
+        self.inner.runner.queue.push(id).await.map_err(internal)?;
+        self.admission_cast(AdmissionMsg::Requeued(1))
     }
 
     async fn awaiting(&self, id: &str) -> Result<Arc<LiveTopic>, EngineError> {
-        match self.inner.runner.get_live(id) {
+        let live = self.inner.runner.live_or_load(id).await.map_err(store_error)?;
+        match live {
             Some(live) if live.lock().status == TopicStatus::AwaitingApproval => Ok(live),
             Some(live) => Err(EngineError::InvalidState(format!(
                 "topic `{id}` is {}, not awaiting_approval",
                 live.lock().status.as_str()
             ))),
-            None => {
-                let state = self.get(id).await?;
-                Err(EngineError::InvalidState(format!(
-                    "topic `{id}` is {}, not awaiting_approval",
-                    state.status.as_str()
-                )))
-            }
+            None => Err(EngineError::NotFound(id.to_string())),
         }
     }
 
+    /// Cancels a topic: journals `Cancelled` (so nothing more is recorded
+    /// for it), then drops its in-flight calls; no further call is made.
     pub async fn cancel(&self, id: &str) -> Result<(), EngineError> {
-        let outcome = self.coordinator_call(|r| CoordinatorMsg::Cancel(id.to_string(), r)).await?;
-        let live = match (outcome, self.inner.runner.get_live(id)) {
-            (_, Some(live)) => live,
-            (CancelOutcome::Stopped, None) => return Ok(()),
-            (CancelOutcome::NotHeld, None) => {
-                let state = self.get(id).await?;
-                return Err(EngineError::InvalidState(format!("topic `{id}` is already {}", state.status.as_str())));
-            }
+        let Some(live) = self.inner.runner.live_or_load(id).await.map_err(store_error)? else {
+            return Err(EngineError::NotFound(id.to_string()));
         };
-        let status = live.lock().status;
-        if status.is_terminal() {
+        let not_finished = |st: &TopicState| !st.status.is_terminal();
+        let journaled = self
+            .inner
+            .runner
+            .journal_as(&live, None, &JournalRecord::Cancelled, not_finished)
+            .await
+            .map_err(store_error)?;
+        if journaled.is_none() {
+            let status = live.lock().status;
             return Err(EngineError::InvalidState(format!("topic `{id}` is already {}", status.as_str())));
         }
-        self.inner.runner.journal(&live, JournalRecord::Cancelled).await.map_err(internal)?;
+        let running = self.admission_call(|r| AdmissionMsg::Cancel(id.to_string(), r)).await?;
+        // Not running here: take it out of the queue if it waits there (a
+        // topic claimed meanwhile sees `cancelled` and does nothing).
+        if !running {
+            live.cancel.cancel();
+            if self.inner.runner.queue.cancel(id).await.map_err(internal)? {
+                self.admission_cast(AdmissionMsg::Dequeued)?;
+            }
+        }
         Ok(())
     }
 
     pub async fn list(&self, query: ListQuery) -> Result<Vec<TopicSummary>, EngineError> {
         if let Some(store) = &self.inner.runner.store {
-            return store.list(query).await.map_err(internal);
+            return store.list(query).await.map_err(store_error);
         }
         let mut all: Vec<TopicSummary> = self
             .inner
@@ -474,7 +559,7 @@ impl Scriptorium {
 
     pub async fn health(&self) -> Result<Health, EngineError> {
         let counts = match &self.inner.runner.store {
-            Some(store) => store.counts().await.map_err(internal)?,
+            Some(store) => store.counts().await.map_err(store_error)?,
             None => {
                 let mut c = BTreeMap::new();
                 for l in self.inner.runner.live_map().values() {
@@ -483,7 +568,7 @@ impl Scriptorium {
                 c
             }
         };
-        let (in_flight, queued) = self.coordinator_call(CoordinatorMsg::Counts).await?;
+        let (in_flight, queued) = self.admission_call(AdmissionMsg::Counts).await?;
         Ok(Health {
             version: env!("CARGO_PKG_VERSION"),
             uptime_s: self.inner.started.elapsed().as_secs(),
@@ -494,24 +579,46 @@ impl Scriptorium {
             queued,
             limiter: self.inner.limiter.snapshot(),
             escalated: self.inner.escalation.borrow().clone(),
+            store: match self.inner.runner.store_problem() {
+                None => "ok".to_string(),
+                Some(e) => format!("degraded: {e}"),
+            },
         })
     }
 
-    /// Stops starting new topics, lets running ones finish for up to
-    /// `grace`, then aborts the rest (they resume on the next start, from
-    /// their last journaled step). Returns how many were cut off.
+    /// Stops claiming new topics, lets running ones finish for up to
+    /// `grace`, then cancels the rest: their in-flight calls are dropped and
+    /// they resume on the next start from their last journaled step.
+    /// Returns how many were cut off.
     pub async fn shutdown(&self, grace: Duration) -> usize {
-        let _ = self.coordinator_call(CoordinatorMsg::Drain).await;
+        let _ = self.admission_call(AdmissionMsg::Drain).await;
+        self.inner.dispatch_stop.cancel();
         let deadline = Instant::now() + grace;
+        let mut running = usize::MAX;
         while Instant::now() < deadline {
-            match self.coordinator_call(CoordinatorMsg::Counts).await {
-                Ok((0, _)) | Err(_) => break,
-                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            match self.admission_call(AdmissionMsg::Counts).await {
+                Ok((0, _)) | Err(_) => {
+                    running = 0;
+                    break;
+                }
+                Ok((n, _)) => {
+                    running = n;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
         }
-        let cut = self.coordinator_call(CoordinatorMsg::AbortAll).await.unwrap_or(0);
-        self.inner.coordinator.stop(None);
-        self.inner.supervisor.stop(None);
+        let cut = if running == 0 { 0 } else { self.admission_call(AdmissionMsg::Counts).await.map_or(0, |(n, _)| n) };
+        self.inner.runner.shutdown.cancel();
+        // Cut-off runners give their leases back; give them a moment.
+        let settle = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < settle {
+            match self.admission_call(AdmissionMsg::Counts).await {
+                Ok((0, _)) | Err(_) => break,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        self.inner.admission.stop(None);
+        self.inner.runner.pools.stop();
         cut
     }
 }

@@ -1,4 +1,4 @@
-//! Step events: what the coordinator tells the world as a topic moves.
+//! Step events: what the topic runner tells the world as a topic moves.
 //!
 //! One broadcast bus; the socket's `watch`, the CLI progress display and
 //! tests subscribe. Events are built only when someone listens, so an idle

@@ -116,7 +116,7 @@ const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// is a fact; an absent series is a question). Histograms and the
 /// per-provider LLM families appear with their first observation.
 pub fn describe_metrics() {
-    use crate::actors::supervisor::StageKind;
+    use crate::actors::pool::STAGE_NAMES;
     use crate::llm::FailureReason;
     use crate::workflow::Step;
     use metrics::{describe_counter, describe_gauge, describe_histogram};
@@ -158,7 +158,10 @@ pub fn describe_metrics() {
     describe_histogram!("scriptorium_review_score", "Review scores (0 to 10), one per review.");
     describe_histogram!("scriptorium_variants_per_topic", "Draft variants requested per topic.");
     describe_counter!("scriptorium_revisions_total", "Revisions written (automatic and after a human reject).");
-    describe_counter!("scriptorium_actor_restarts_total", "Stage actor restarts by the supervisor, by actor.");
+    describe_counter!(
+        "scriptorium_actor_restarts_total",
+        "Stage workers replaced by their pool (a panic, or a hang past the step timeout), by stage."
+    );
     describe_gauge!("scriptorium_build_info", "Always 1; the version label says which build is running.");
     describe_histogram!(
         "gen_ai_client_token_usage",
@@ -180,9 +183,19 @@ pub fn describe_metrics() {
                 .absolute(0);
         }
     }
-    for actor in StageKind::ALL {
-        metrics::counter!("scriptorium_actor_restarts_total", "actor" => actor.as_str()).absolute(0);
+    describe_gauge!("scriptorium_stage_queue_depth", "Attempts waiting for a free worker in each stage's pool.");
+    describe_gauge!("scriptorium_stage_busy_workers", "Workers running an attempt in each stage's pool.");
+    describe_gauge!("scriptorium_stage_workers", "Workers in each stage's pool (supervision.stage_workers).");
+    describe_gauge!(
+        "scriptorium_store_degraded",
+        "1 while the store refuses writes (topics wait and retry their journal writes), else 0."
+    );
+    for actor in STAGE_NAMES {
+        metrics::counter!("scriptorium_actor_restarts_total", "actor" => actor).absolute(0);
+        metrics::gauge!("scriptorium_stage_queue_depth", "stage" => actor).set(0.0);
+        metrics::gauge!("scriptorium_stage_busy_workers", "stage" => actor).set(0.0);
     }
+    metrics::gauge!("scriptorium_store_degraded").set(0.0);
     for direction in ["input", "output"] {
         metrics::counter!("scriptorium_llm_tokens_total", "direction" => direction).absolute(0);
     }

@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use scriptorium::actors::pool::ACTOR_RESTARTS;
 use scriptorium::actors::stage::INJECTED_PANICS;
-use scriptorium::actors::supervisor::ACTOR_RESTARTS;
 use scriptorium::config::Config;
 use scriptorium::fake_openai::{self, FakeConfig, FakeServer, Fault, FaultRates};
 use scriptorium::llm::chat::ChatProvider;

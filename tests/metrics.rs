@@ -132,6 +132,10 @@ const FAMILIES: &[Family] = &[
     Family { name: "scriptorium_variants_per_topic", kind: "histogram", labels: &[] },
     Family { name: "scriptorium_revisions_total", kind: "counter", labels: &[] },
     Family { name: "scriptorium_actor_restarts_total", kind: "counter", labels: &[("actor", is_actor)] },
+    Family { name: "scriptorium_stage_queue_depth", kind: "gauge", labels: &[("stage", is_actor)] },
+    Family { name: "scriptorium_stage_busy_workers", kind: "gauge", labels: &[("stage", is_actor)] },
+    Family { name: "scriptorium_stage_workers", kind: "gauge", labels: &[("stage", is_actor)] },
+    Family { name: "scriptorium_store_degraded", kind: "gauge", labels: &[] },
     Family { name: "scriptorium_build_info", kind: "gauge", labels: &[("version", is_version)] },
     Family {
         name: "gen_ai_client_token_usage",

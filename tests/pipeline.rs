@@ -307,7 +307,7 @@ async fn revision_loop_runs_until_approved_or_max_revisions() {
 
 #[tokio::test]
 async fn panicking_stage_actors_are_restarted_and_topics_complete() {
-    let config = test_config(&[("CHAOS__ACTOR_PANIC_RATE", "0.2"), ("SUPERVISION__MAX_RESTARTS", "100000")]);
+    let config = test_config(&[("CHAOS__ACTOR_PANIC_RATE", "0.1"), ("SUPERVISION__MAX_RESTARTS", "100000")]);
     let engine = Scriptorium::start(config, EngineOptions::default()).await.unwrap();
     let mut ids = vec![];
     for i in 0..30 {

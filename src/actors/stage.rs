@@ -1,30 +1,32 @@
-//! The five stage actors (`Router`, `Planner`, `Writer`, `Reviewer`,
-//! `Reviser`), written once as `StageActor<S>` over the `Stage` trait.
+//! The five workflow stages (`RouteStage`, `PlanStage`, `WriteStage`,
+//! `ReviewStage`, `ReviseStage`), written once over the `Stage` trait, and
+//! `StageWorker<S>`, the ractor factory worker that runs one attempt of a
+//! stage's step inside its own handler: limiter, model call, gate.
 //!
-//! Each actor's handler only validates the message and hands the model call
-//! to a task that replies by the message's reply port: a slow call never
-//! holds the actor, so no topic waits behind another topic's call. A panic
-//! in the handler (real or injected by `[chaos]`) kills the actor; the
-//! supervisor restarts it, and the caller re-sends the request it lost.
-//! Must not: await a model call inside `handle`, or touch the store.
+//! Because the worker runs the work itself, supervision sees it: a panic
+//! anywhere in an attempt (prompt building, provider parsing, a gate, or an
+//! injected `[chaos]` panic) kills that worker; its factory restarts it and
+//! the caller gets one failed attempt (`actor_restart`). A worker stuck past
+//! `supervision.step_timeout_s` is killed and replaced the same way.
+//! Must not: touch the store, decide workflow steps, or retry (the retry
+//! loop is `StepCaller::call`, run by the topic runner).
 
 use std::hash::{Hash, Hasher};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::factory::{FactoryMessage, Job, Worker, WorkerId};
+use ractor::{ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::Rng;
-use tracing::Instrument;
+use tokio_util::sync::CancellationToken;
 
 use super::Services;
-use crate::config::{Config, KindConfig};
-use crate::events::TopicEvent;
-use crate::llm::retry::{Attempt, AttemptReport, StepFailure, StepSuccess};
+use crate::llm::retry::{Attempt, AttemptOutcome};
 use crate::llm::LlmRequest;
-use crate::state::{now_ms, TopicStatus};
 use crate::workflow::gates::{self, GateError};
-use crate::workflow::schema::{self, StructuredFormat};
+use crate::workflow::plan::DraftPlan;
+use crate::workflow::schema::StructuredFormat;
 use crate::workflow::{prompts, Draft, Outline, Review, Step};
 
 /// What every job knows about its topic. Shared, never copied per step.
@@ -44,25 +46,32 @@ impl TopicCtx {
     }
 }
 
-pub type StageResult<T> = Result<StepSuccess<T>, StepFailure>;
-
-/// One actor message type per stage: `StageMsg<WriteStage>` is the Writer's.
-pub enum StageMsg<S: Stage> {
-    Run(S::Job, RpcReplyPort<StageResult<S::Output>>),
-}
-
 /// Where a job sits in its topic, for events and seeds.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct JobPosition {
     pub variant: Option<u32>,
     pub revision: Option<u32>,
 }
 
-/// A workflow step as an actor: how to build its request and gate its
+/// One attempt of a step, as sent to a stage worker.
+pub struct AttemptJob<S: Stage> {
+    pub job: S::Job,
+    pub attempt: Attempt,
+    /// The topic's cancellation: drops the limiter wait or the request.
+    pub cancel: CancellationToken,
+}
+
+/// The one message type of a stage's workers: `StageMsg<WriteStage>` is
+/// the Writer's.
+pub enum StageMsg<S: Stage> {
+    Run(AttemptJob<S>, RpcReplyPort<AttemptOutcome<S::Output>>),
+}
+
+/// A workflow step as a stage: how to build its request and gate its
 /// output.
 pub trait Stage: Send + Sync + Sized + 'static {
     const STEP: Step;
-    /// Actor name prefix (`writer`, …).
+    /// Pool name (`writer`, …): metric label and log field.
     const NAME: &'static str;
     type Job: Clone + Send + Sync + 'static;
     type Output: Send + 'static;
@@ -70,7 +79,7 @@ pub trait Stage: Send + Sync + Sized + 'static {
     fn position(_job: &Self::Job) -> JobPosition {
         JobPosition::default()
     }
-    fn request(services: &Services, job: &Self::Job, attempt: Attempt<'_>) -> LlmRequest;
+    fn request(services: &Services, job: &Self::Job, attempt: &Attempt) -> LlmRequest;
     fn gate(services: &Services, job: &Self::Job, text: &str) -> Result<Self::Output, GateError>;
 }
 
@@ -84,7 +93,7 @@ fn request_for<S: Stage>(
     services: &Services,
     job: &S::Job,
     prompt: prompts::Prompt,
-    attempt: Attempt<'_>,
+    attempt: &Attempt,
     structured: Option<Arc<StructuredFormat>>,
 ) -> LlmRequest {
     LlmRequest {
@@ -108,40 +117,6 @@ pub struct RouteJob {
 pub struct PlanJob {
     pub topic: Arc<TopicCtx>,
     pub kind: String,
-}
-
-/// What every draft step of a topic derives from its kind and outline,
-/// built once when the outline is known: the rules text of the writer,
-/// reviewer and reviser prompts and, for a `structured_draft` kind, the
-/// draft schema. Shared by the topic's write, review and revise jobs (they
-/// used to rebuild it on every attempt).
-pub struct DraftPlan {
-    pub kind: String,
-    pub outline: Outline,
-    writer_instructions: Arc<str>,
-    reviewer_instructions: Arc<str>,
-    /// Built on the first revision: most topics never need it.
-    reviser_instructions: std::sync::OnceLock<Arc<str>>,
-    format: Option<Arc<StructuredFormat>>,
-}
-
-impl DraftPlan {
-    pub fn new(config: &Config, kind_name: &str, kind: &KindConfig, outline: Outline) -> Arc<DraftPlan> {
-        let writer_rules = prompts::writer_rules(kind, &outline);
-        Arc::new(DraftPlan {
-            kind: kind_name.to_string(),
-            writer_instructions: prompts::writer_instructions(config, kind, &writer_rules),
-            reviewer_instructions: prompts::reviewer_instructions(config, kind, &prompts::review_rules(kind, &outline)),
-            reviser_instructions: std::sync::OnceLock::new(),
-            format: kind.structured_draft.then(|| Arc::new(schema::draft_format(kind, &outline))),
-            outline,
-        })
-    }
-
-    fn reviser_instructions(&self, config: &Config, kind: &KindConfig) -> &Arc<str> {
-        self.reviser_instructions
-            .get_or_init(|| prompts::reviser_instructions(config, kind, &prompts::writer_rules(kind, &self.outline)))
-    }
 }
 
 #[derive(Clone)]
@@ -183,8 +158,8 @@ impl Stage for RouteStage {
     fn topic(job: &RouteJob) -> &Arc<TopicCtx> {
         &job.topic
     }
-    fn request(s: &Services, job: &RouteJob, a: Attempt<'_>) -> LlmRequest {
-        let p = prompts::route_with_instructions(&s.formats.router_instructions, &job.topic.topic, a.feedback);
+    fn request(s: &Services, job: &RouteJob, a: &Attempt) -> LlmRequest {
+        let p = prompts::route_with_instructions(&s.formats.router_instructions, &job.topic.topic, a.feedback());
         request_for::<Self>(s, job, p, a, Some(s.formats.route.clone()))
     }
     fn gate(s: &Services, _job: &RouteJob, text: &str) -> Result<String, GateError> {
@@ -200,13 +175,13 @@ impl Stage for PlanStage {
     fn topic(job: &PlanJob) -> &Arc<TopicCtx> {
         &job.topic
     }
-    fn request(s: &Services, job: &PlanJob, a: Attempt<'_>) -> LlmRequest {
-        let kind = s.kind(&job.kind);
-        let p = prompts::plan(&s.config, kind, &job.topic.topic, a.feedback);
-        request_for::<Self>(s, job, p, a, Some(s.formats.outline(&job.kind)))
+    fn request(s: &Services, job: &PlanJob, a: &Attempt) -> LlmRequest {
+        let kind = s.formats.kind(&job.kind);
+        let p = prompts::plan_with(&kind.rendered.planner, &job.topic.topic, a.feedback());
+        request_for::<Self>(s, job, p, a, Some(kind.outline_format.clone()))
     }
     fn gate(s: &Services, job: &PlanJob, text: &str) -> Result<Outline, GateError> {
-        gates::check_outline(text, s.kind(&job.kind))
+        gates::check_outline(text, &s.formats.kind(&job.kind).config)
     }
 }
 
@@ -221,12 +196,12 @@ impl Stage for WriteStage {
     fn position(job: &WriteJob) -> JobPosition {
         JobPosition { variant: Some(job.variant), revision: None }
     }
-    fn request(s: &Services, job: &WriteJob, a: Attempt<'_>) -> LlmRequest {
-        let p = prompts::write_with(&job.plan.writer_instructions, &job.topic.topic, a.feedback);
+    fn request(s: &Services, job: &WriteJob, a: &Attempt) -> LlmRequest {
+        let p = prompts::write_with(&job.plan.writer_instructions, &job.topic.topic, a.feedback());
         request_for::<Self>(s, job, p, a, job.plan.format.clone())
     }
-    fn gate(s: &Services, job: &WriteJob, text: &str) -> Result<Draft, GateError> {
-        gate_draft(s.kind(&job.plan.kind), &job.plan.outline, text)
+    fn gate(_s: &Services, job: &WriteJob, text: &str) -> Result<Draft, GateError> {
+        gate_draft(&job.plan, text)
     }
 }
 
@@ -241,8 +216,8 @@ impl Stage for ReviewStage {
     fn position(job: &ReviewJob) -> JobPosition {
         job.position
     }
-    fn request(s: &Services, job: &ReviewJob, a: Attempt<'_>) -> LlmRequest {
-        let p = prompts::review_with(&job.plan.reviewer_instructions, &job.topic.topic, &job.draft, a.feedback);
+    fn request(s: &Services, job: &ReviewJob, a: &Attempt) -> LlmRequest {
+        let p = prompts::review_with(&job.plan.reviewer_instructions, &job.topic.topic, &job.draft, a.feedback());
         request_for::<Self>(s, job, p, a, Some(s.formats.review.clone()))
     }
     fn gate(s: &Services, _job: &ReviewJob, text: &str) -> Result<Review, GateError> {
@@ -261,63 +236,61 @@ impl Stage for ReviseStage {
     fn position(job: &ReviseJob) -> JobPosition {
         JobPosition { variant: None, revision: Some(job.number) }
     }
-    fn request(s: &Services, job: &ReviseJob, a: Attempt<'_>) -> LlmRequest {
+    fn request(s: &Services, job: &ReviseJob, a: &Attempt) -> LlmRequest {
         let input = prompts::RevisionInput {
             topic: &job.topic.topic,
             draft: &job.draft,
             review: &job.review,
             human_note: job.human_note.as_deref(),
         };
-        let instructions = job.plan.reviser_instructions(&s.config, s.kind(&job.plan.kind));
-        let p = prompts::revise_with(instructions, &input, a.feedback);
+        let p = prompts::revise_with(job.plan.reviser_instructions(), &input, a.feedback());
         request_for::<Self>(s, job, p, a, job.plan.format.clone())
     }
-    fn gate(s: &Services, job: &ReviseJob, text: &str) -> Result<Draft, GateError> {
-        gate_draft(s.kind(&job.plan.kind), &job.plan.outline, text)
+    fn gate(_s: &Services, job: &ReviseJob, text: &str) -> Result<Draft, GateError> {
+        gate_draft(&job.plan, text)
     }
 }
 
-fn gate_draft(kind: &KindConfig, outline: &Outline, text: &str) -> Result<Draft, GateError> {
+fn gate_draft(plan: &DraftPlan, text: &str) -> Result<Draft, GateError> {
+    let kind = &plan.kind.config;
     if kind.structured_draft {
-        gates::check_structured_draft(text, outline, kind)
+        gates::check_structured_draft(text, &plan.outline, kind)
     } else {
-        gates::check_draft(text, outline, kind)
+        gates::check_draft(text, &plan.outline, kind)
     }
 }
 
-// ---- the actor -------------------------------------------------------------
+// ---- the worker ------------------------------------------------------------
 
 /// How an injected panic's message starts (the binary keeps them out of
-/// stderr: they are counted, and the supervisor logs each restart).
+/// stderr: they are counted, and each restart is logged).
 pub const CHAOS_PANIC: &str = "chaos: injected panic";
 
 /// Counts injected panics, so chaos runs can compare them with restarts.
 pub static INJECTED_PANICS: AtomicU64 = AtomicU64::new(0);
 
-pub struct StageActor<S: Stage> {
+/// A pool worker of stage `S`. Stateless: everything it needs is in
+/// `Services` and the job, so a restarted worker is as good as the old one.
+pub struct StageWorker<S: Stage> {
     _stage: PhantomData<fn() -> S>,
 }
 
-impl<S: Stage> Default for StageActor<S> {
+impl<S: Stage> Default for StageWorker<S> {
     fn default() -> Self {
         Self { _stage: PhantomData }
     }
 }
 
-pub type Router = StageActor<RouteStage>;
-pub type Planner = StageActor<PlanStage>;
-pub type Writer = StageActor<WriteStage>;
-pub type Reviewer = StageActor<ReviewStage>;
-pub type Reviser = StageActor<ReviseStage>;
-
-impl<S: Stage> Actor for StageActor<S> {
-    type Msg = StageMsg<S>;
-    type State = Arc<Services>;
+impl<S: Stage> Worker for StageWorker<S> {
+    type Key = ();
+    type Message = StageMsg<S>;
     type Arguments = Arc<Services>;
+    type State = Arc<Services>;
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        _wid: WorkerId,
+        _factory: &ActorRef<FactoryMessage<(), StageMsg<S>>>,
         services: Arc<Services>,
     ) -> Result<Arc<Services>, ActorProcessingErr> {
         Ok(services)
@@ -325,52 +298,36 @@ impl<S: Stage> Actor for StageActor<S> {
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
-        message: Self::Msg,
+        _wid: WorkerId,
+        _factory: &ActorRef<FactoryMessage<(), StageMsg<S>>>,
+        Job { msg, key, .. }: Job<(), StageMsg<S>>,
         services: &mut Arc<Services>,
     ) -> Result<(), ActorProcessingErr> {
-        let StageMsg::Run(job, reply) = message;
+        let StageMsg::Run(AttemptJob { job, attempt, cancel }, reply) = msg;
+        let outcome = run_attempt::<S>(services, &job, &attempt, &cancel).await;
+        // The caller may have given up (cancelled topic); nothing to do.
+        let _ = reply.send(outcome);
+        Ok(key)
+    }
+}
+
+/// One attempt, in the worker: the request, the call, the gate. The
+/// `[chaos]` panic fires inside the gate, after the model answered, where
+/// real parsing panics would.
+async fn run_attempt<S: Stage>(
+    services: &Services,
+    job: &S::Job,
+    attempt: &Attempt,
+    cancel: &CancellationToken,
+) -> AttemptOutcome<S::Output> {
+    let request = S::request(services, job, attempt);
+    let gate = |text: &str| {
         let rate = services.config.chaos.actor_panic_rate;
         if rate > 0.0 && rand::rng().random::<f64>() < rate {
             INJECTED_PANICS.fetch_add(1, Ordering::Relaxed);
             panic!("{CHAOS_PANIC} in {}", S::NAME);
         }
-        let services = Arc::clone(services);
-        tokio::spawn(async move {
-            let result = run_stage::<S>(&services, &job).await;
-            // The caller may have given up (cancelled topic); nothing to do.
-            let _ = reply.send(result);
-        });
-        Ok(())
-    }
-}
-
-/// Runs one step with its retries and reports each attempt as an event.
-pub async fn run_stage<S: Stage>(services: &Services, job: &S::Job) -> StageResult<S::Output> {
-    let ctx = S::topic(job);
-    let pos = S::position(job);
-    let observe = |r: &AttemptReport| {
-        if let Some((reason, message)) = &r.failure {
-            tracing::warn!(topic_id = %ctx.id, step = %r.step, attempt = r.attempt, reason = reason.as_str(), error = %message, "step attempt failed");
-        }
-        services.events.emit(|| TopicEvent {
-            topic_id: ctx.id.clone(),
-            step: r.step.as_str().to_string(),
-            variant: pos.variant,
-            revision: pos.revision,
-            attempt: Some(r.attempt),
-            outcome: if r.failure.is_some() { "attempt_failed".into() } else { "attempt_ok".into() },
-            reason: r.failure.as_ref().map(|(reason, _)| reason.as_str().to_string()),
-            elapsed_ms: Some(r.elapsed.as_millis() as u64),
-            waited_ms: Some(r.waited.as_millis() as u64),
-            status: TopicStatus::Running,
-            at_ms: now_ms(),
-        });
+        S::gate(services, job, text)
     };
-    let span = tracing::info_span!("step", topic_id = %ctx.id, step = S::STEP.as_str(), variant = pos.variant, revision = pos.revision);
-    services
-        .caller
-        .call(S::STEP, |a| S::request(services, job, a), |text| S::gate(services, job, text), &observe)
-        .instrument(span)
-        .await
+    services.caller.attempt(&request, gate, cancel).await
 }

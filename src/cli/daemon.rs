@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use scriptorium::config::{Config, StoreBackend};
+use scriptorium::scaleout;
 use scriptorium::server::{self, ServerOptions};
 use scriptorium::store::files::FileMirror;
 use scriptorium::store::sqlite::SqliteStore;
@@ -44,16 +45,6 @@ pub async fn run(
 ) -> anyhow::Result<ExitCode> {
     telemetry::init_tracing(log_format, "info");
     let config = Config::load(config_path.as_deref())?;
-    if config.store.backend == StoreBackend::Redis {
-        // The Redis queue, store and limiter exist (src/queue/redis.rs,
-        // src/store/redis.rs, src/llm/limiter_redis.rs) but the engine has
-        // no queue runner to drive them yet: refuse rather than run several
-        // daemons that would each resume every topic.
-        anyhow::bail!(
-            "config: `store.backend`: \"redis\" is not wired into the daemon yet (the shared queue needs the \
-             runtime core's queue runner); use \"sqlite\""
-        );
-    }
     let data_dir = config.daemon.data_dir.clone();
     std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
     let socket_path = socket.unwrap_or_else(|| config.daemon.socket_path());
@@ -66,8 +57,22 @@ pub async fn run(
     }
     let tcp_addr = parse_addr("daemon.tcp", &config.daemon.tcp)?;
 
-    let db_path = data_dir.join("scriptorium.db");
-    let store: Arc<dyn TopicStore> = Arc::new(SqliteStore::open(&db_path)?);
+    let mut options = EngineOptions::default();
+    let store: Arc<dyn TopicStore> = match config.store.backend {
+        StoreBackend::Sqlite => Arc::new(SqliteStore::open(&data_dir.join("scriptorium.db"))?),
+        StoreBackend::Redis => {
+            // Queue, journal and rate limit shared with every daemon on this
+            // Redis; the consumer name is stable across this daemon's restarts.
+            let consumer = scaleout::default_consumer(&data_dir);
+            let largest = config.llm.max_output_tokens.saturating_add(16_000);
+            let backend = scaleout::connect(&config, consumer, largest).await?;
+            tracing::info!(consumer = %backend.consumer, "sharing queue, journal and rate limit through redis");
+            options.queue = Some(backend.queue);
+            options.limiter = Some(backend.limiter);
+            options.lease_renew_every = Some(Duration::from_secs_f64(config.store.lease_s / 3.0));
+            backend.store
+        }
+    };
     let files = if config.daemon.topic_files { Some(FileMirror::new(data_dir.join("topics"))?) } else { None };
     let grace = Duration::from_secs_f64(config.daemon.shutdown_grace_s);
     let max_connections = config.daemon.max_connections;
@@ -85,8 +90,7 @@ pub async fn run(
         None => None,
     };
 
-    let engine =
-        Scriptorium::start(config, EngineOptions { store: Some(store), files, ..EngineOptions::default() }).await?;
+    let engine = Scriptorium::start(config, EngineOptions { store: Some(store), files, ..options }).await?;
     if let Some(notice) = engine.provider_notice() {
         eprintln!("{notice}");
     }

@@ -14,6 +14,8 @@ use anyhow::{bail, Context};
 use scriptorium::config::Config;
 use scriptorium::state::{TopicState, TopicStatus};
 use scriptorium::store::files::FileMirror;
+use scriptorium::store::sqlite::SqliteStore;
+use scriptorium::store::TopicStore;
 use scriptorium::telemetry::{self, LogFormat};
 use scriptorium::{EngineError, EngineOptions, Scriptorium, SubmitRequest};
 
@@ -30,7 +32,9 @@ pub struct RunArgs {
     /// Workflow kind for every topic (skips routing).
     #[arg(long)]
     pub kind: Option<String>,
-    /// Write each topic's full state to DIR/<id>.json after every step.
+    /// Write each topic's full state to DIR/<id>.json after every step, and
+    /// journal it in DIR/scriptorium.db: the same command run again resumes
+    /// unfinished topics from there without re-running finished steps.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Print one JSON state per topic on stdout instead of the table.
@@ -41,13 +45,24 @@ pub struct RunArgs {
     pub metrics_addr: Option<SocketAddr>,
 }
 
-/// Reads topics: one per line, blank lines and `#` comments skipped.
+/// Reads topics: one per line; blank lines and lines that start with `#`
+/// are skipped. A `#` inside a topic is part of it (`Learning C# in 2025`).
 pub fn parse_topic_lines(text: &str) -> Vec<String> {
-    text.lines()
-        .map(|l| l.split_once('#').map(|(before, _)| before).unwrap_or(l).trim())
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect()
+    text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect()
+}
+
+/// The idempotency key `run --out DIR` gives a topic, so running the same
+/// command again finds the same topics in DIR (same ids, same files) and
+/// resumes them instead of starting over. FNV-1a: stable across builds,
+/// unlike std's hasher.
+fn run_key(topic: &str, args: &RunArgs) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let options = format!("{:?}/{:?}/", args.kind, args.variants);
+    for byte in options.bytes().chain(topic.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("run:{hash:016x}:{}", topic.len())
 }
 
 fn collect_topics(args: &RunArgs) -> anyhow::Result<Vec<String>> {
@@ -81,45 +96,120 @@ pub async fn run(config_path: Option<PathBuf>, log_format: LogFormat, args: RunA
         telemetry::install_metrics(args.metrics_addr).map_err(anyhow::Error::msg)?;
         telemetry::describe_metrics();
     }
-    let files = match &args.out {
-        Some(dir) => Some(FileMirror::new(dir).with_context(|| format!("cannot create {}", dir.display()))?),
-        None => None,
+    let (files, store) = match &args.out {
+        Some(dir) => {
+            let files = FileMirror::new(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            let db = dir.join("scriptorium.db");
+            let store = SqliteStore::open(&db).with_context(|| format!("cannot open {}", db.display()))?;
+            (Some(files), Some(Arc::new(store) as Arc<dyn TopicStore>))
+        }
+        None => (None, None),
     };
-    let engine = Scriptorium::start(config, EngineOptions { files, ..EngineOptions::default() }).await?;
+    let options = EngineOptions { files: files.clone(), store, ..EngineOptions::default() };
+    let engine = Scriptorium::start(config, options).await?;
     if let Some(notice) = engine.provider_notice() {
         eprintln!("{notice}");
     }
     let started = Instant::now();
-    let ids = submit_all(&engine, &topics, &args).await?;
-    let states = wait_all(&engine, &ids).await?;
-    if args.json {
-        let mut out = std::io::stdout().lock();
-        for s in &states {
-            writeln!(out, "{}", serde_json::to_string(s)?)?;
+    let keyed = args.out.is_some();
+    let ids = Arc::new(std::sync::Mutex::new(Vec::with_capacity(topics.len())));
+    let work = async {
+        submit_all(&engine, &topics, &args, keyed, &ids).await?;
+        let ids = ids.lock().map(|g| g.clone()).unwrap_or_default();
+        wait_all(&engine, &ids).await
+    };
+    let states = tokio::select! {
+        states = work => states?,
+        _ = tokio::signal::ctrl_c() => {
+            return interrupted(&engine, &ids, files.as_ref(), &args, started).await;
         }
-    } else {
-        print_table(&states, started.elapsed());
-    }
+    };
+    print_states(&states, &args, started.elapsed())?;
     engine.shutdown(Duration::from_secs(1)).await;
     let all_completed = states.iter().all(|s| s.status == TopicStatus::Completed);
     Ok(if all_completed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+fn print_states(states: &[TopicState], args: &RunArgs, elapsed: Duration) -> anyhow::Result<()> {
+    if args.json {
+        let mut out = std::io::stdout().lock();
+        for s in states {
+            writeln!(out, "{}", serde_json::to_string(s)?)?;
+        }
+    } else {
+        print_table(states, elapsed);
+    }
+    Ok(())
+}
+
+/// The first Ctrl-C: stop admitting, drop every in-flight call, write each
+/// `--out` file from the journal, print the summary (unfinished topics
+/// included) and exit 130. A second Ctrl-C exits at once.
+async fn interrupted(
+    engine: &Scriptorium,
+    ids: &std::sync::Mutex<Vec<String>>,
+    files: Option<&FileMirror>,
+    args: &RunArgs,
+    started: Instant,
+) -> anyhow::Result<ExitCode> {
+    tokio::spawn(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            std::process::exit(130);
+        }
+    });
+    eprintln!("\ninterrupted: stopping (Ctrl-C again to quit at once)");
+    engine.shutdown(Duration::ZERO).await;
+    let ids = ids.lock().map(|g| g.clone()).unwrap_or_default();
+    let mut states = Vec::with_capacity(ids.len());
+    for id in &ids {
+        if let Ok(state) = engine.get(id).await {
+            if let Some(files) = files {
+                if let Err(e) = files.write(&state).await {
+                    eprintln!("warning: cannot write {}: {e}", files.path_for(id).display());
+                }
+            }
+            states.push(state);
+        }
+    }
+    print_states(&states, args, started.elapsed())?;
+    let unfinished: Vec<&TopicState> = states.iter().filter(|s| !s.status.is_settled()).collect();
+    if !unfinished.is_empty() {
+        eprintln!("{} topics unfinished:", unfinished.len());
+        for s in &unfinished {
+            eprintln!("  {}  {}  (last step: {})", s.id, truncate(&s.topic, 60), s.step.as_deref().unwrap_or("-"));
+        }
+        if args.out.is_some() {
+            eprintln!("run the same command again to resume them");
+        }
+    }
+    Ok(ExitCode::from(130))
+}
+
 /// Submits every topic, waiting for room when the queue is full: `run`
 /// bounds itself by `limits.max_in_flight_topics` like the daemon.
-async fn submit_all(engine: &Scriptorium, topics: &[String], args: &RunArgs) -> anyhow::Result<Vec<String>> {
-    let mut ids = Vec::with_capacity(topics.len());
+/// `keyed`: give each topic its `run_key` (with `--out`), so a second run
+/// finds the first one's topics.
+async fn submit_all(
+    engine: &Scriptorium,
+    topics: &[String],
+    args: &RunArgs,
+    keyed: bool,
+    ids: &std::sync::Mutex<Vec<String>>,
+) -> anyhow::Result<()> {
     for topic in topics {
         let request = SubmitRequest {
             topic: topic.clone(),
             kind: args.kind.clone(),
             variants: args.variants,
+            idempotency_key: keyed.then(|| run_key(topic, args)),
             ..SubmitRequest::default()
         };
         loop {
             match engine.submit(request.clone()).await {
                 Ok(receipt) => {
-                    ids.push(receipt.id);
+                    if let Ok(mut ids) = ids.lock() {
+                        ids.push(receipt.id);
+                    }
                     break;
                 }
                 Err(EngineError::Busy(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -127,7 +217,7 @@ async fn submit_all(engine: &Scriptorium, topics: &[String], args: &RunArgs) -> 
             }
         }
     }
-    Ok(ids)
+    Ok(())
 }
 
 async fn wait_all(engine: &Scriptorium, ids: &[String]) -> anyhow::Result<Vec<TopicState>> {
@@ -229,7 +319,13 @@ fn print_table(states: &[TopicState], elapsed: Duration) {
 mod tests {
     #[test]
     fn topic_lines_skip_comments_and_blanks() {
-        let t = super::parse_topic_lines("# header\n\nfirst topic\n  second # trailing\n#only\n");
-        assert_eq!(t, vec!["first topic", "second"]);
+        let t = super::parse_topic_lines("# header\n\nfirst topic\n  second # not a comment\n  #only\n");
+        assert_eq!(t, vec!["first topic", "second # not a comment"]);
+    }
+
+    #[test]
+    fn a_hash_inside_a_topic_is_part_of_it() {
+        let t = super::parse_topic_lines("Learning C# in 2025\nIssue #42 triage\n# a comment\n");
+        assert_eq!(t, vec!["Learning C# in 2025", "Issue #42 triage"]);
     }
 }

@@ -123,11 +123,20 @@ pub enum LlmError {
     /// 400/401/403/404, `insufficient_quota`: never retried.
     #[error("fatal error{}: {message}", status.map(|s| format!(" (HTTP {s})")).unwrap_or_default())]
     Fatal { status: Option<u16>, message: String },
+    /// The stage worker running the attempt died (a panic, or it was
+    /// stopped for hanging) and was restarted. Retryable: counted against
+    /// `retry.max_attempts` like any other failed attempt.
+    #[error("stage worker restarted: {0}")]
+    WorkerLost(String),
+    /// The topic was cancelled (or its lease lost) while the attempt ran:
+    /// its request was dropped. Never retried, never journaled as a failure.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl LlmError {
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, LlmError::Fatal { .. })
+        !matches!(self, LlmError::Fatal { .. } | LlmError::Cancelled)
     }
 
     pub fn reason(&self) -> FailureReason {
@@ -138,7 +147,8 @@ impl LlmError {
             LlmError::Connection(_) => FailureReason::Connection,
             LlmError::InvalidOutput(_) => FailureReason::InvalidOutput,
             LlmError::Refused(_) => FailureReason::Refused,
-            LlmError::Fatal { .. } => FailureReason::Fatal,
+            LlmError::Fatal { .. } | LlmError::Cancelled => FailureReason::Fatal,
+            LlmError::WorkerLost(_) => FailureReason::ActorRestart,
         }
     }
 
@@ -158,7 +168,7 @@ impl LlmError {
             LlmError::Fatal { status, .. } => *status,
             // Invalid output and refusals arrived in a 200 response.
             LlmError::InvalidOutput(_) | LlmError::Refused(_) => Some(200),
-            LlmError::Timeout(_) | LlmError::Connection(_) => None,
+            LlmError::Timeout(_) | LlmError::Connection(_) | LlmError::WorkerLost(_) | LlmError::Cancelled => None,
         }
     }
 

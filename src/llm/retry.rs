@@ -1,6 +1,8 @@
 //! Retries: per-step exponential backoff with full jitter, `retry-after`
-//! honoured, a process-wide retry budget, and `StepCaller::call`, the one
-//! place where a step's attempts happen (limiter → provider → gate).
+//! honoured (up to `retry.max_retry_after_s`), a process-wide retry budget,
+//! `StepCaller::call`, the one retry loop of a step, and
+//! `StepCaller::attempt`, one attempt (limiter → provider → gate) as a stage
+//! worker runs it.
 //!
 //! Must not: retry a fatal error, retry around the limiter, or retry a step
 //! that already succeeded (callers journal success before moving on).
@@ -9,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::limiter::RateLimit;
@@ -127,21 +130,50 @@ pub struct StepFailure {
     pub usage: Usage,
 }
 
-/// What `StepCaller::call` hands the request builder for each attempt.
-#[derive(Debug, Clone, Copy)]
-pub struct Attempt<'a> {
+/// What `StepCaller::call` hands each attempt: its number and the previous
+/// attempt's gate or parse error, told to the model. Owned, so an attempt
+/// can travel to a stage worker in a message.
+#[derive(Debug, Clone, Default)]
+pub struct Attempt {
     pub number: u32,
-    /// The previous attempt's gate or parse error, told to the model.
-    pub feedback: Option<&'a str>,
+    pub feedback: Option<Arc<str>>,
 }
 
-/// Everything a step needs to reach the model. Shared by all stage actors.
+impl Attempt {
+    pub fn feedback(&self) -> Option<&str> {
+        self.feedback.as_deref()
+    }
+}
+
+/// What one attempt came to, as the stage worker (or, when the worker was
+/// lost, its caller) reports it.
+#[derive(Debug)]
+pub struct AttemptOutcome<T> {
+    pub result: Result<T, LlmError>,
+    pub usage: Usage,
+    /// Time spent waiting for the limiter.
+    pub waited: Duration,
+    /// Time of the model call (0 when none was made).
+    pub elapsed: Duration,
+    /// Whether a request went out.
+    pub called: bool,
+}
+
+impl<T> AttemptOutcome<T> {
+    /// An attempt that ended before any request went out.
+    pub fn without_call(error: LlmError, waited: Duration) -> AttemptOutcome<T> {
+        AttemptOutcome { result: Err(error), usage: Usage::default(), waited, elapsed: Duration::ZERO, called: false }
+    }
+}
+
+/// Everything a step needs to reach the model. Shared by all stage workers.
 pub struct StepCaller {
     provider: Arc<dyn LlmProvider>,
     limiter: Arc<dyn RateLimit>,
     policy: RetryPolicy,
     budget: Arc<RetryBudget>,
     request_timeout: Duration,
+    max_retry_after: Duration,
     metrics: CallMetrics,
 }
 
@@ -213,6 +245,8 @@ pub struct CallerParts {
     pub policy: RetryPolicy,
     pub budget: Arc<RetryBudget>,
     pub request_timeout: Duration,
+    /// Longest server retry-after obeyed (`retry.max_retry_after_s`).
+    pub max_retry_after: Duration,
 }
 
 impl StepCaller {
@@ -225,22 +259,80 @@ impl StepCaller {
             policy: parts.policy,
             budget: parts.budget,
             request_timeout: parts.request_timeout,
+            max_retry_after: parts.max_retry_after,
             metrics,
         }
     }
 
-    /// Runs attempts until the gate accepts an output, a fatal error, or the
-    /// attempts run out.
-    pub async fn call<T>(
+    pub fn max_attempts(&self) -> u32 {
+        self.policy.max_attempts
+    }
+
+    /// A server's retry-after, cut to `retry.max_retry_after_s`.
+    fn retry_after(&self, error: &LlmError) -> Option<Duration> {
+        error.retry_after().map(|d| d.min(self.max_retry_after))
+    }
+
+    /// One attempt: limiter → provider → gate. Runs inside a stage worker's
+    /// handler, so a panic anywhere in it (provider parsing, the gate) kills
+    /// that worker. `cancel` drops the limiter wait or the in-flight request
+    /// at once (the HTTP connection is closed, nothing more is spent).
+    pub async fn attempt<T>(
+        &self,
+        request: &LlmRequest,
+        gate: impl FnOnce(&str) -> Result<T, GateError>,
+        cancel: &CancellationToken,
+    ) -> AttemptOutcome<T> {
+        let wait_started = Instant::now();
+        let waited = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                return AttemptOutcome::without_call(LlmError::Cancelled, wait_started.elapsed());
+            }
+            waited = self.limiter.acquire(request.estimated_tokens()) => waited,
+        };
+        let provider = self.provider.name();
+        let started = Instant::now();
+        let span = tracing::debug_span!("attempt", provider);
+        let call = tokio::time::timeout(self.request_timeout, self.provider.complete(request)).instrument(span);
+        let result = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => Err(LlmError::Cancelled),
+            r = call => r.unwrap_or(Err(LlmError::Timeout(self.request_timeout))),
+        };
+        let elapsed = started.elapsed();
+        if !matches!(result, Err(LlmError::Cancelled)) {
+            self.metrics.record(provider, &result, elapsed);
+        }
+        let mut usage = Usage::default();
+        let result = result.and_then(|reply| {
+            usage = reply.usage;
+            gate(&reply.text).map_err(|g| LlmError::InvalidOutput(g.0))
+        });
+        if let Err(error @ LlmError::RateLimited { .. }) = &result {
+            if let Some(pause) = self.retry_after(error) {
+                self.limiter.pause_for(pause);
+            }
+        }
+        AttemptOutcome { result, usage, waited, elapsed, called: true }
+    }
+
+    /// Runs attempts until one is accepted, a fatal error, or the attempts
+    /// run out: the one retry loop. `run` executes one attempt (on a stage
+    /// worker); the loop owns the budget, the backoff and the feedback.
+    /// Dropping the returned future (cancel) stops it between attempts too.
+    pub async fn call<T, F>(
         &self,
         step: Step,
-        build: impl Fn(Attempt<'_>) -> LlmRequest,
-        gate: impl Fn(&str) -> Result<T, GateError>,
+        mut run: impl FnMut(Attempt) -> F,
         observe: &(dyn Fn(&AttemptReport) + Send + Sync),
-    ) -> Result<StepSuccess<T>, StepFailure> {
+    ) -> Result<StepSuccess<T>, StepFailure>
+    where
+        F: std::future::Future<Output = AttemptOutcome<T>>,
+    {
         let mut usage = Usage::default();
-        let mut feedback: Option<String> = None;
-        let provider = self.provider.name();
+        let mut feedback: Option<Arc<str>> = None;
+        let mut calls = 0;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -250,46 +342,44 @@ impl StepCaller {
             } else {
                 self.budget.record_first_attempt();
             }
-            let request = build(Attempt { number: attempt, feedback: feedback.as_deref() });
-            let waited = self.limiter.acquire(request.estimated_tokens()).await;
-            let started = Instant::now();
-            let span = tracing::debug_span!("attempt", attempt, provider);
-            let call = tokio::time::timeout(self.request_timeout, self.provider.complete(&request)).instrument(span);
-            let result = match call.await {
-                Ok(r) => r,
-                Err(_) => Err(LlmError::Timeout(self.request_timeout)),
-            };
-            let elapsed = started.elapsed();
-            self.metrics.record(provider, &result, elapsed);
-            let outcome = result.and_then(|reply| {
-                usage.input_tokens += reply.usage.input_tokens;
-                usage.output_tokens += reply.usage.output_tokens;
-                gate(&reply.text).map_err(|g| LlmError::InvalidOutput(g.0))
-            });
-            let failure = outcome.as_ref().err().map(|e| (e.reason(), e.to_string()));
-            observe(&AttemptReport { step, attempt, elapsed, waited, usage, failure });
-            let error = match outcome {
-                Ok(value) => return Ok(StepSuccess { value, attempts: attempt, calls: attempt, usage }),
+            let outcome = run(Attempt { number: attempt, feedback: feedback.clone() }).await;
+            if outcome.called {
+                calls += 1;
+            }
+            usage.input_tokens += outcome.usage.input_tokens;
+            usage.output_tokens += outcome.usage.output_tokens;
+            let failure = outcome.result.as_ref().err().map(|e| (e.reason(), e.to_string()));
+            if !matches!(outcome.result, Err(LlmError::Cancelled)) {
+                observe(&AttemptReport {
+                    step,
+                    attempt,
+                    elapsed: outcome.elapsed,
+                    waited: outcome.waited,
+                    usage: outcome.usage,
+                    failure,
+                });
+            }
+            let error = match outcome.result {
+                Ok(value) => return Ok(StepSuccess { value, attempts: attempt, calls, usage }),
                 Err(e) => e,
             };
-            metrics::counter!(
-                "scriptorium_step_failures_total",
-                "step" => step.as_str(),
-                "reason" => error.reason().as_str()
-            )
-            .increment(1);
-            if let (LlmError::RateLimited { .. }, Some(pause)) = (&error, error.retry_after()) {
-                self.limiter.pause_for(pause);
+            if !matches!(error, LlmError::Cancelled) {
+                metrics::counter!(
+                    "scriptorium_step_failures_total",
+                    "step" => step.as_str(),
+                    "reason" => error.reason().as_str()
+                )
+                .increment(1);
             }
             if !error.is_retryable() || attempt >= self.policy.max_attempts {
-                return Err(StepFailure { error, attempts: attempt, calls: attempt, usage });
+                return Err(StepFailure { error, attempts: attempt, calls, usage });
             }
             feedback = match &error {
-                LlmError::InvalidOutput(msg) => Some(msg.clone()),
+                LlmError::InvalidOutput(msg) => Some(msg.as_str().into()),
                 _ => None,
             };
             let backoff = self.policy.backoff(attempt, &mut rand::rng());
-            let delay = backoff.max(error.retry_after().unwrap_or_default());
+            let delay = backoff.max(self.retry_after(&error).unwrap_or_default());
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }

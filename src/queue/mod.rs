@@ -10,6 +10,7 @@
 //! leases, `XAUTOCLAIM` of leases idle past a deadline) fits behind the same
 //! trait. Must not: hold topic state, call a model, or decide workflow steps.
 
+pub mod memory;
 pub mod redis;
 
 use std::time::Duration;
@@ -46,7 +47,7 @@ pub trait TopicQueue: Send + Sync + 'static {
     fn push(&self, topic_id: &str) -> BoxFuture<'static, Result<(), QueueError>>;
     /// Claims up to `max` waiting topics, oldest first, waiting at most
     /// `wait` for one to appear. Returns an empty list on timeout.
-    fn claim(&self, max: usize, wait: Duration) -> BoxFuture<'static, Result<Vec<Lease>, QueueError>>;
+    fn claim(&self, max: usize, wait: Duration) -> BoxFuture<'_, Result<Vec<Lease>, QueueError>>;
     /// Extends a lease. `Ok(false)` when it was lost (another worker took
     /// the topic): the holder must stop working on it.
     fn renew(&self, lease: &Lease) -> BoxFuture<'static, Result<bool, QueueError>>;

@@ -82,6 +82,13 @@ pub trait TopicStore: Send + Sync + 'static {
     fn list(&self, query: ListQuery) -> BoxFuture<'static, Result<Vec<TopicSummary>, StoreError>>;
     /// Every topic that is queued, running or awaiting approval, oldest first.
     fn unfinished(&self) -> BoxFuture<'static, Result<Vec<TopicState>, StoreError>>;
+    /// The ids and statuses of every unfinished topic, oldest first: what a
+    /// starting engine pushes to its queue (it loads each topic only when
+    /// it claims it).
+    fn unfinished_ids(&self) -> BoxFuture<'static, Result<Vec<(String, TopicStatus)>, StoreError>> {
+        let all = self.unfinished();
+        Box::pin(async move { Ok(all.await?.into_iter().map(|s| (s.id, s.status)).collect()) })
+    }
     /// Topic counts by status name.
     fn counts(&self) -> BoxFuture<'static, Result<BTreeMap<String, u64>, StoreError>>;
 }

@@ -257,6 +257,24 @@ impl TopicStore for SqliteStore {
         })
     }
 
+    fn unfinished_ids(&self) -> BoxFuture<'static, Result<Vec<(String, TopicStatus)>, StoreError>> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT id, status FROM topics WHERE status IN (?1, ?2, ?3) ORDER BY seq").db()?;
+            let rows = stmt
+                .query_map(UNFINISHED.map(|s| s.as_str()), |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .db()?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, status) = row.db()?;
+                let status = TopicStatus::parse(&status)
+                    .ok_or_else(|| StoreError::Corrupt(format!("topic `{id}` has unknown status `{status}`")))?;
+                out.push((id, status));
+            }
+            Ok(out)
+        })
+    }
+
     fn counts(&self) -> BoxFuture<'static, Result<BTreeMap<String, u64>, StoreError>> {
         self.read(|conn| {
             // Every status is present, with 0 when empty, so a gauge fed from

@@ -6,7 +6,9 @@
 //! Must not: do I/O, call a provider or know about actors. Everything here is
 //! pure so it can be tested table-driven and reused by fakes.
 
+pub mod decide;
 pub mod gates;
+pub mod plan;
 pub mod prompts;
 pub mod schema;
 

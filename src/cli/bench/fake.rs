@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use scriptorium::actors::pool::ACTOR_RESTARTS;
 use scriptorium::actors::stage::INJECTED_PANICS;
-use scriptorium::actors::supervisor::ACTOR_RESTARTS;
 use scriptorium::config::Config;
 use scriptorium::fake_openai::{self, FakeConfig, FakeServer, FaultRates};
 use scriptorium::llm::openai::OpenAiProvider;
