@@ -396,7 +396,11 @@ impl Scriptorium {
             keys.insert(key.clone(), submission.id.clone());
         }
         metrics::counter!("scriptorium_topics_submitted_total").increment(1);
-        self.inner.runner.add_live(state);
+        // With a shared queue another daemon may run it: the claimer loads
+        // it from the store, and a copy kept here would go stale.
+        if !self.inner.runner.shares_queue() {
+            self.inner.runner.add_live(state);
+        }
         if let Err(e) = self.inner.runner.queue.push(&submission.id).await {
             // Stored but not queued: the next start pushes it (it is
             // unfinished in the store); say so rather than pretend.
@@ -434,7 +438,13 @@ impl Scriptorium {
             if let Some(live) = self.inner.runner.get_live(id) {
                 let mut rx = live.watch_status();
                 // An error means the topic left memory: it is finished.
-                let _ = rx.wait_for(|s| s.is_settled()).await;
+                // With a shared queue this process may stop holding the
+                // topic (lease lost) while we wait: look again in a while.
+                if self.inner.runner.shares_queue() {
+                    let _ = tokio::time::timeout(WAIT_POLL, rx.wait_for(|s| s.is_settled())).await;
+                } else {
+                    let _ = rx.wait_for(|s| s.is_settled()).await;
+                }
                 if live.lock().status.is_settled() {
                     // The live topic is the journal replayed, final once
                     // settled: no need to read it back from the store.

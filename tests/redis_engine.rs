@@ -107,6 +107,12 @@ async fn two_engines_share_one_queue_and_each_topic_completes_once() {
         assert_eq!(state.status, TopicStatus::Completed, "{id}");
         assert!(duplicate_records(&r, id).is_empty(), "{id}: {:?}", duplicate_records(&r, id));
     }
+    for id in &ids {
+        // Both engines answer for every topic, whoever ran it.
+        for e in [&a, &b] {
+            assert_eq!(e.get(id).await.unwrap().status, TopicStatus::Completed, "{id}: a stale copy");
+        }
+    }
     let (ca, cb) = (count_completed(&mut ea).await, count_completed(&mut eb).await);
     println!("two engines: a completed {ca}, b completed {cb} of {n}");
     assert_eq!(ca + cb, n, "each topic completed exactly once");
