@@ -271,12 +271,6 @@ pub enum Durability {
     Power,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct StoreConfig {
-    pub durability: Durability,
-}
-
 /// A secret read from the config or environment: `Debug` never shows it,
 /// so a logged config cannot leak it.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -334,6 +328,48 @@ impl DaemonConfig {
             ));
         }
         Ok(Some(addr))
+    }
+}
+
+/// Where topics, the queue and the shared rate limit live.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// One daemon: an SQLite file in `daemon.data_dir`, an in-process queue
+    /// and limiter.
+    #[default]
+    Sqlite,
+    /// Several daemons share one Redis: queue, journal, idempotency keys and
+    /// the rate limit.
+    Redis,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    /// Redis URL (`redis://host:port/db` or `unix:///path/redis.sock`),
+    /// used when `backend = "redis"`. A password in it is never logged.
+    pub url: String,
+    /// Seconds a claimed topic stays leased without a renewal; past that
+    /// another daemon takes it over.
+    pub lease_s: f64,
+    /// Claims of one topic (its first included) after which it is moved to
+    /// the `dead_letter` status instead of being run again.
+    pub max_deliveries: u32,
+    /// What an SQLite commit survives (`backend = "sqlite"`).
+    pub durability: Durability,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: StoreBackend::Sqlite,
+            url: "redis://127.0.0.1:6379/0".into(),
+            lease_s: 30.0,
+            max_deliveries: 5,
+            durability: Durability::Process,
+        }
     }
 }
 
@@ -562,6 +598,19 @@ impl Config {
                     key,
                     format!("`{value}` is not an address like 127.0.0.1:9464 (empty turns it off)"),
                 ));
+            }
+        }
+        if !(self.store.lease_s.is_finite() && self.store.lease_s >= 1.0 && self.store.lease_s <= 3600.0) {
+            return Err(invalid("store.lease_s", "must be between 1 and 3600 seconds"));
+        }
+        if self.store.max_deliveries == 0 {
+            return Err(invalid("store.max_deliveries", "must be at least 1"));
+        }
+        if self.store.backend == StoreBackend::Redis {
+            let url = self.store.url.as_str();
+            let known = ["redis://", "rediss://", "unix://", "redis+unix://"];
+            if !known.iter().any(|p| url.starts_with(p)) {
+                return Err(invalid("store.url", "must start with redis://, rediss:// or unix://"));
             }
         }
         seconds("telemetry.export_timeout_s", self.telemetry.export_timeout_s, 3600.0)?;
@@ -852,6 +901,24 @@ mod tests {
     }
 
     #[test]
+    fn store_keys_come_from_the_environment() {
+        let c = Config::from_toml_str(
+            "[store]\nbackend = \"sqlite\"\n",
+            &env(&[
+                ("SCRIPTORIUM_STORE__BACKEND", "redis"),
+                ("SCRIPTORIUM_STORE__URL", "unix:///run/redis/redis.sock"),
+                ("SCRIPTORIUM_STORE__LEASE_S", "5"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.store.backend, StoreBackend::Redis);
+        assert_eq!(c.store.url, "unix:///run/redis/redis.sock");
+        assert_eq!(c.store.lease_s, 5.0);
+        let d = Config::from_toml_str("", &[]).unwrap();
+        assert_eq!((d.store.backend, d.store.lease_s), (StoreBackend::Sqlite, 30.0));
+    }
+
+    #[test]
     fn unknown_and_bad_keys_name_the_key() {
         type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
         let cases: &[Case] = &[
@@ -865,6 +932,9 @@ mod tests {
             ("", &[("SCRIPTORIUM_DAEMON__WEB_ADDR", "0.0.0.0:8765")], "daemon.web_token"),
             ("", &[("SCRIPTORIUM_DAEMON__WEB_ADDR", "localhost")], "daemon.web_addr"),
             ("", &[("SCRIPTORIUM_DAEMON__WEB_TOKEN", "short")], "daemon.web_token"),
+            ("[store]\nbackend = \"mysql\"\n", &[], "store.backend"),
+            ("[store]\nlease_s = 0.5\n", &[], "store.lease_s"),
+            ("", &[("SCRIPTORIUM_STORE__BACKEND", "redis"), ("SCRIPTORIUM_STORE__URL", "http://x")], "store.url"),
         ];
         for (text, vars, key) in cases {
             let err = Config::from_toml_str(text, &env(vars)).unwrap_err().to_string();

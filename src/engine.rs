@@ -80,6 +80,9 @@ fn store_error(e: StoreError) -> EngineError {
             EngineError::StoreUnavailable(e.to_string())
         }
         StoreError::Corrupt(_) | StoreError::Fenced(_) => internal(e),
+        // A shared store refused a decision the topic's status no longer
+        // allows (another daemon decided first).
+        StoreError::Conflict { .. } => EngineError::InvalidState(e.to_string()),
     }
 }
 
@@ -111,6 +114,9 @@ pub struct EngineOptions {
     /// How often a claimed topic's lease is renewed, for a queue whose
     /// leases expire; `None` for the in-memory queue.
     pub lease_renew_every: Option<Duration>,
+    /// The rate limiter (a shared one for several daemons); the in-process
+    /// `GovernorLimiter` from `[limits]` when `None`.
+    pub limiter: Option<Arc<dyn RateLimit>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -169,7 +175,8 @@ impl Scriptorium {
             None => build_provider(&config).map_err(internal)?,
         };
         let largest = config.llm.max_output_tokens.saturating_add(16_000);
-        let limiter: Arc<dyn RateLimit> = Arc::new(GovernorLimiter::new(&config.limits, largest));
+        let limiter: Arc<dyn RateLimit> =
+            options.limiter.unwrap_or_else(|| Arc::new(GovernorLimiter::new(&config.limits, largest)));
         metrics::gauge!("scriptorium_rate_limit_requests_per_minute").set(f64::from(config.limits.requests_per_minute));
         metrics::gauge!("scriptorium_rate_limit_tokens_per_minute").set(f64::from(config.limits.tokens_per_minute));
         let caller = StepCaller::new(CallerParts {
@@ -397,7 +404,11 @@ impl Scriptorium {
             keys.insert(key.clone(), submission.id.clone());
         }
         metrics::counter!("scriptorium_topics_submitted_total").increment(1);
-        self.inner.runner.add_live(state);
+        // With a shared queue another daemon may run it: the claimer loads
+        // it from the store, and a copy kept here would go stale.
+        if !self.inner.runner.shares_queue() {
+            self.inner.runner.add_live(state);
+        }
         if let Err(e) = self.inner.runner.queue.push(&submission.id).await {
             // Stored but not queued: the next start pushes it (it is
             // unfinished in the store); say so rather than pretend.
@@ -435,7 +446,13 @@ impl Scriptorium {
             if let Some(live) = self.inner.runner.get_live(id) {
                 let mut rx = live.watch_status();
                 // An error means the topic left memory: it is finished.
-                let _ = rx.wait_for(|s| s.is_settled()).await;
+                // With a shared queue this process may stop holding the
+                // topic (lease lost) while we wait: look again in a while.
+                if self.inner.runner.shares_queue() {
+                    let _ = tokio::time::timeout(WAIT_POLL, rx.wait_for(|s| s.is_settled())).await;
+                } else {
+                    let _ = rx.wait_for(|s| s.is_settled()).await;
+                }
                 if live.lock().status.is_settled() {
                     // The live topic is the journal replayed, final once
                     // settled: no need to read it back from the store.
@@ -491,6 +508,11 @@ impl Scriptorium {
         }
         let live = self.awaiting(id).await?;
         self.decide(id, &live, JournalRecord::Rejected { note, at_ms: now_ms() }).await?;
+        // A shared queue may hand the topic to another daemon: do not keep a
+        // copy here that would go stale (reads then come from the store).
+        if self.inner.runner.shares_queue() {
+            self.inner.runner.live_map().remove(id);
+        }
         self.inner.runner.queue.push(id).await.map_err(internal)?;
         self.admission_cast(AdmissionMsg::Requeued(1))
     }

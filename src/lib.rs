@@ -12,6 +12,7 @@ pub mod fake_openai;
 pub mod llm;
 pub mod paths;
 pub mod queue;
+pub mod scaleout;
 pub mod server;
 pub mod state;
 pub mod store;

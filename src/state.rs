@@ -24,16 +24,20 @@ pub enum TopicStatus {
     Completed,
     Failed,
     Cancelled,
+    /// Claimed `store.max_deliveries` times without finishing (the daemons
+    /// running it kept dying): parked instead of run again. Terminal.
+    DeadLetter,
 }
 
 impl TopicStatus {
-    pub const ALL: [TopicStatus; 6] = [
+    pub const ALL: [TopicStatus; 7] = [
         TopicStatus::Queued,
         TopicStatus::Running,
         TopicStatus::AwaitingApproval,
         TopicStatus::Completed,
         TopicStatus::Failed,
         TopicStatus::Cancelled,
+        TopicStatus::DeadLetter,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +48,7 @@ impl TopicStatus {
             TopicStatus::Completed => "completed",
             TopicStatus::Failed => "failed",
             TopicStatus::Cancelled => "cancelled",
+            TopicStatus::DeadLetter => "dead_letter",
         }
     }
 
@@ -52,7 +57,7 @@ impl TopicStatus {
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, TopicStatus::Completed | TopicStatus::Failed | TopicStatus::Cancelled)
+        matches!(self, TopicStatus::Completed | TopicStatus::Failed | TopicStatus::Cancelled | TopicStatus::DeadLetter)
     }
 
     /// Terminal, or parked waiting for a human: `result --wait` returns.
@@ -189,20 +194,72 @@ pub struct TopicState {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum JournalRecord {
     Started,
-    Routed { kind: String, cost: StepCost, timing: Option<StepTiming> },
-    Planned { outline: Outline, cost: StepCost, timing: StepTiming },
-    Drafted { variant: u32, draft: Draft, cost: StepCost, timing: StepTiming },
-    Reviewed { variant: u32, review: Review, cost: StepCost, timing: StepTiming },
-    VariantFailed { variant: u32, error: StepError, cost: StepCost, timing: Option<StepTiming> },
-    Chosen { variant: u32, reason: String },
-    Revised { number: u32, draft: Draft, human_note: Option<String>, cost: StepCost, timing: StepTiming },
-    RevisionReviewed { number: u32, review: Review, cost: StepCost, timing: StepTiming },
+    Routed {
+        kind: String,
+        cost: StepCost,
+        timing: Option<StepTiming>,
+    },
+    Planned {
+        outline: Outline,
+        cost: StepCost,
+        timing: StepTiming,
+    },
+    Drafted {
+        variant: u32,
+        draft: Draft,
+        cost: StepCost,
+        timing: StepTiming,
+    },
+    Reviewed {
+        variant: u32,
+        review: Review,
+        cost: StepCost,
+        timing: StepTiming,
+    },
+    VariantFailed {
+        variant: u32,
+        error: StepError,
+        cost: StepCost,
+        timing: Option<StepTiming>,
+    },
+    Chosen {
+        variant: u32,
+        reason: String,
+    },
+    Revised {
+        number: u32,
+        draft: Draft,
+        human_note: Option<String>,
+        cost: StepCost,
+        timing: StepTiming,
+    },
+    RevisionReviewed {
+        number: u32,
+        review: Review,
+        cost: StepCost,
+        timing: StepTiming,
+    },
     AwaitingApproval,
-    Approved { note: Option<String>, at_ms: u64 },
-    Rejected { note: String, at_ms: u64 },
+    Approved {
+        note: Option<String>,
+        at_ms: u64,
+    },
+    Rejected {
+        note: String,
+        at_ms: u64,
+    },
     Completed,
-    Failed { error: StepError, cost: StepCost, timing: Option<StepTiming> },
+    Failed {
+        error: StepError,
+        cost: StepCost,
+        timing: Option<StepTiming>,
+    },
     Cancelled,
+    /// The queue gave up on the topic after `deliveries` claims (a shared
+    /// queue whose workers kept dying on it).
+    DeadLettered {
+        deliveries: u32,
+    },
 }
 
 impl JournalRecord {
@@ -224,6 +281,7 @@ impl JournalRecord {
             JournalRecord::Completed => "completed",
             JournalRecord::Failed { .. } => "failed",
             JournalRecord::Cancelled => "cancelled",
+            JournalRecord::DeadLettered { .. } => "dead_lettered",
         }
     }
 
@@ -414,6 +472,10 @@ impl TopicState {
                 self.status = TopicStatus::Cancelled;
                 self.finished_at_ms = Some(at_ms);
             }
+            J::DeadLettered { .. } => {
+                self.status = TopicStatus::DeadLetter;
+                self.finished_at_ms = Some(at_ms);
+            }
         }
     }
 
@@ -498,8 +560,7 @@ mod tests {
             idempotency_key: None,
             submitted_ms: 0,
         };
-        use TopicStatus as S;
-        for status in [S::Queued, S::Running, S::AwaitingApproval, S::Completed, S::Failed, S::Cancelled] {
+        for status in TopicStatus::ALL {
             for json in &steps {
                 let record: JournalRecord = serde_json::from_str(json).unwrap_or_else(|e| panic!("{json}: {e}"));
                 assert!(!record.may_change_status(), "{json}");

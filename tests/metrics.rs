@@ -580,6 +580,12 @@ fn alert_unit_tests(alerts: &Path, exprs: &BTreeMap<String, String>) -> String {
         (r#"scriptorium_rate_limiter_paused{instance="paused",job="scriptorium"}"#, "1x60"),
         (r#"scriptorium_actor_restarts_total{instance="restarting",job="scriptorium",actor="writer"}"#, "0+5x60"),
         (r#"scriptorium_topics_awaiting_approval{instance="waiting",job="scriptorium"}"#, "2x60"),
+        // shared limiter cut off from Redis; a healthy Redis-backed daemon
+        (r#"scriptorium_rate_limiter_redis_unavailable{instance="redis_down",job="scriptorium"}"#, "0x20 1x40"),
+        (r#"scriptorium_rate_limiter_redis_unavailable{instance="ok",job="scriptorium"}"#, "0x60"),
+        // a topic dead-lettered at minute 25
+        (r#"scriptorium_topics_dead_lettered_total{instance="dead",job="scriptorium"}"#, "0x25 1x35"),
+        (r#"scriptorium_topics_dead_lettered_total{instance="ok",job="scriptorium"}"#, "0x60"),
         (r#"scriptorium_store_degraded{instance="ok",job="scriptorium"}"#, "0x60"),
         (r#"scriptorium_store_degraded{instance="diskfull",job="scriptorium"}"#, "1x60"),
         // scrapes: one target answering, one not
@@ -597,6 +603,8 @@ fn alert_unit_tests(alerts: &Path, exprs: &BTreeMap<String, String>) -> String {
         ("ScriptoriumNoProgress", &["stalled"]),
         ("ScriptoriumLlmErrorRateHigh", &["erroring"]),
         ("ScriptoriumStoreDegraded", &["diskfull"]),
+        ("ScriptoriumRedisUnavailable", &["redis_down"]),
+        ("ScriptoriumTopicsDeadLettered", &["dead"]),
     ];
     assert_eq!(exprs.len(), expected.len(), "a rule without a unit test here: {:?}", exprs.keys());
     let q = |s: &str| serde_json::to_string(s).unwrap();

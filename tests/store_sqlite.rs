@@ -149,6 +149,9 @@ async fn topic_in(store: &SqliteStore, id: &str, status: TopicStatus, t0: u64) -
             ),
         ],
         TopicStatus::Cancelled => vec![(JournalRecord::Started, t0 + 1), (JournalRecord::Cancelled, t0 + 5)],
+        TopicStatus::DeadLetter => {
+            vec![(JournalRecord::Started, t0 + 1), (JournalRecord::DeadLettered { deliveries: 6 }, t0 + 5)]
+        }
     };
     for (record, at) in records {
         step(store, &mut state, record, at).await;
@@ -425,11 +428,18 @@ async fn counts_by_status() {
     for (i, status) in plan.iter().enumerate() {
         topic_in(&store, &format!("t{i}"), *status, i as u64).await;
     }
-    let expected: BTreeMap<String, u64> =
-        [("queued", 2), ("running", 1), ("awaiting_approval", 0), ("completed", 3), ("failed", 1), ("cancelled", 0)]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
+    let expected: BTreeMap<String, u64> = [
+        ("queued", 2),
+        ("running", 1),
+        ("awaiting_approval", 0),
+        ("completed", 3),
+        ("failed", 1),
+        ("cancelled", 0),
+        ("dead_letter", 0),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
     assert_eq!(store.counts().await.unwrap(), expected);
 }
 

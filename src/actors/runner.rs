@@ -467,7 +467,18 @@ impl TopicRunner {
         }
     }
 
+    /// True for a queue shared with other processes (its leases expire):
+    /// a topic is then kept in memory only while this process runs it.
+    pub fn shares_queue(&self) -> bool {
+        self.renew_every.is_some()
+    }
+
     async fn run_claimed(&self, lease: Lease, admission: &ActorRef<AdmissionMsg>) {
+        if self.shares_queue() {
+            // Another process may have advanced the topic since this one
+            // last held it: start from the store, not from a stale copy.
+            self.live_map().remove(&lease.topic_id);
+        }
         let live = match self.live_or_load(&lease.topic_id).await {
             Ok(Some(live)) => live,
             Ok(None) => {
@@ -510,6 +521,9 @@ impl TopicRunner {
         };
         if let Err(e) = settle {
             tracing::warn!(topic_id = %id, error = %e, "cannot settle the topic's lease");
+        }
+        if self.shares_queue() {
+            self.live_map().remove(&id);
         }
         let _ = admission.cast(AdmissionMsg::Finished(id));
     }

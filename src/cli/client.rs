@@ -104,7 +104,7 @@ pub enum ClientCommand {
     /// List topics (oldest first).
     List {
         /// Only topics with this status (queued, running, awaiting_approval,
-        /// completed, failed, cancelled).
+        /// completed, failed, cancelled, dead_letter).
         #[arg(long, value_name = "S")]
         status: Option<String>,
         /// Page size (default 100, max 10000).
@@ -289,7 +289,7 @@ fn done(out: OutputArgs, raw: &str, human: &str) -> anyhow::Result<ExitCode> {
 /// Completed or parked for approval is success; failed or cancelled is not.
 fn exit_for(status: TopicStatus) -> ExitCode {
     match status {
-        TopicStatus::Failed | TopicStatus::Cancelled => ExitCode::FAILURE,
+        TopicStatus::Failed | TopicStatus::Cancelled | TopicStatus::DeadLetter => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
     }
 }
@@ -471,7 +471,9 @@ async fn submit(client: &mut Client, args: SubmitArgs) -> anyhow::Result<ExitCod
         let summaries: Vec<TopicSummary> = states.iter().map(TopicSummary::from).collect();
         print_table(&summaries)?;
     }
-    let failed = states.iter().any(|s| matches!(s.status, TopicStatus::Failed | TopicStatus::Cancelled));
+    let failed = states
+        .iter()
+        .any(|s| matches!(s.status, TopicStatus::Failed | TopicStatus::Cancelled | TopicStatus::DeadLetter));
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 

@@ -19,7 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use scriptorium::config::StoreBackend;
 use scriptorium::paths::{self, Layout, PathEnv};
+use scriptorium::scaleout;
 use scriptorium::server::{self, ServerOptions};
 use scriptorium::store::files::FileMirror;
 use scriptorium::store::sqlite::SqliteStore;
@@ -72,6 +74,8 @@ pub async fn run(
     let layout = Layout::resolve(&config.daemon, &PathEnv::from_process())?;
     let data_dir = layout.state_dir.clone();
     let socket_path = socket.unwrap_or_else(|| layout.socket.clone());
+
+    let mut options = EngineOptions::default();
     let grace = Duration::from_secs_f64(config.daemon.shutdown_grace_s);
     let max_connections = config.daemon.max_connections;
 
@@ -113,8 +117,21 @@ pub async fn run(
     // must fail before it touches the store's unfinished topics.
     let unix = server::bind_unix(&socket_path).await?;
 
-    let db_path = layout.database();
-    let store: Arc<dyn TopicStore> = Arc::new(SqliteStore::open_with(&db_path, config.store.durability)?);
+    let store: Arc<dyn TopicStore> = match config.store.backend {
+        StoreBackend::Sqlite => Arc::new(SqliteStore::open_with(&layout.database(), config.store.durability)?),
+        StoreBackend::Redis => {
+            // Queue, journal and rate limit shared with every daemon on this
+            // Redis; the consumer name is stable across this daemon's restarts.
+            let consumer = scaleout::default_consumer(&data_dir);
+            let largest = config.llm.max_output_tokens.saturating_add(16_000);
+            let backend = scaleout::connect(&config, consumer, largest).await?;
+            tracing::info!(consumer = %backend.consumer, "sharing queue, journal and rate limit through redis");
+            options.queue = Some(backend.queue);
+            options.limiter = Some(backend.limiter);
+            options.lease_renew_every = Some(Duration::from_secs_f64(config.store.lease_s / 3.0));
+            backend.store
+        }
+    };
     let files = if config.daemon.topic_files {
         let files = FileMirror::new(layout.topics_dir())?;
         // Before the engine runs anything: files a crash left behind the
@@ -133,16 +150,14 @@ pub async fn run(
         None
     };
 
-    let engine =
-        match Scriptorium::start(config, EngineOptions { store: Some(store), files, ..EngineOptions::default() }).await
-        {
-            Ok(engine) => engine,
-            Err(e) => {
-                // No socket file is left behind for clients to find.
-                server::remove_socket(&socket_path);
-                return Err(e.into());
-            }
-        };
+    let engine = match Scriptorium::start(config, EngineOptions { store: Some(store), files, ..options }).await {
+        Ok(engine) => engine,
+        Err(e) => {
+            // No socket file is left behind for clients to find.
+            server::remove_socket(&socket_path);
+            return Err(e.into());
+        }
+    };
     if let Some(notice) = engine.provider_notice() {
         eprintln!("{notice}");
     }

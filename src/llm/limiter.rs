@@ -36,6 +36,11 @@ pub trait RateLimit: Send + Sync + 'static {
     fn acquire(&self, tokens: u32) -> BoxFuture<'_, Duration>;
     /// Holds every caller back for `for_how_long` (a 429's retry-after).
     fn pause_for(&self, for_how_long: Duration);
+    /// After a call: `reserved_tokens` went to `acquire`, the server billed
+    /// `used_tokens`. A limiter may give the difference back.
+    fn settle(&self, reserved_tokens: u32, used_tokens: u32) {
+        let _ = (reserved_tokens, used_tokens);
+    }
     fn snapshot(&self) -> LimiterSnapshot;
 }
 
@@ -49,7 +54,7 @@ pub trait RateLimit: Send + Sync + 'static {
 /// one 429 per run at 6,000 requests/min and at 15 M tokens/min).
 const BURST_SHARE: f64 = 0.9;
 
-fn reserved_burst(one_second: u32) -> u32 {
+pub(crate) fn reserved_burst(one_second: u32) -> u32 {
     (f64::from(one_second) * BURST_SHARE).floor() as u32
 }
 

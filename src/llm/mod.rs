@@ -8,6 +8,7 @@
 
 pub mod chat;
 pub mod limiter;
+pub mod limiter_redis;
 pub mod openai;
 pub mod retry;
 pub mod simulated;

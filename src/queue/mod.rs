@@ -11,6 +11,7 @@
 //! trait. Must not: hold topic state, call a model, or decide workflow steps.
 
 pub mod memory;
+pub mod redis;
 
 use std::time::Duration;
 

@@ -12,6 +12,7 @@
 //! logic (replaying a journal is `TopicState::apply`).
 
 pub mod files;
+pub mod redis;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -34,6 +35,11 @@ pub enum StoreError {
     /// not the current one): another worker owns the topic now.
     #[error("lease lost: topic `{0}` is owned by another worker")]
     Fenced(String),
+    /// The topic's current status does not allow the record (a decision on
+    /// a topic no longer awaiting approval, any record on a finished topic),
+    /// checked atomically with the append by a shared store.
+    #[error("topic `{id}` is {status}: record `{record}` refused")]
+    Conflict { id: String, status: String, record: &'static str },
 }
 
 /// Result of `insert`: a new topic, or the existing one with the same

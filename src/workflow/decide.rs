@@ -84,7 +84,9 @@ pub enum Next {
 /// The next step for a topic.
 pub fn decide(state: &TopicState, policy: &Policy) -> Next {
     match state.status {
-        TopicStatus::Completed | TopicStatus::Failed | TopicStatus::Cancelled => return Next::Done,
+        TopicStatus::Completed | TopicStatus::Failed | TopicStatus::Cancelled | TopicStatus::DeadLetter => {
+            return Next::Done
+        }
         TopicStatus::AwaitingApproval => return Next::Wait,
         TopicStatus::Queued | TopicStatus::Running => {}
     }
