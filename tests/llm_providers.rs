@@ -61,6 +61,7 @@ fn settings(base_url: &str) -> HttpSettings {
         connect_timeout: Duration::from_secs(2),
         temperature: None,
         seed: None,
+        ..HttpSettings::new("", None, "")
     }
 }
 
@@ -69,9 +70,9 @@ fn structured_request() -> LlmRequest {
         step: Step::Plan,
         instructions: "You are a careful editor.".into(),
         input: "Review this draft: # Title\n\nBody.".into(),
-        max_output_tokens: 800,
         format: Some(Arc::new(review_format())),
         seed_key: 42,
+        ..LlmRequest::new(Step::Plan, "".into(), "".into(), 800)
     }
 }
 

@@ -43,7 +43,7 @@ impl Formats {
         Formats {
             route: Arc::new(schema::route_format(&kind_names)),
             router_instructions: crate::workflow::prompts::router_instructions(config).into(),
-            review: Arc::new(schema::review_format_for(config.llm.max_output_tokens)),
+            review: Arc::new(schema::review_format_for(config.llm.steps.review.max_output_tokens)),
             outlines: config.kinds.iter().map(|(n, k)| (n.clone(), Arc::new(schema::outline_format(k)))).collect(),
             kind_names,
         }

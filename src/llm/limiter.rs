@@ -37,6 +37,13 @@ pub trait RateLimit: Send + Sync + 'static {
     /// Holds every caller back for `for_how_long` (a 429's retry-after).
     fn pause_for(&self, for_how_long: Duration);
     fn snapshot(&self) -> LimiterSnapshot;
+    /// Called after each billed call with the tokens reserved in `acquire`
+    /// and the tokens the server billed. The in-process GCRA buckets cannot
+    /// hand tokens back, so the default does nothing; a limiter that can
+    /// (a shared counter) refunds the difference here.
+    fn settle(&self, reserved_tokens: u32, used_tokens: u32) {
+        let _ = (reserved_tokens, used_tokens);
+    }
 }
 
 /// Share of a one-second burst the client allows itself. At the same rate,

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{post_json, BoxFuture, HttpSettings, LlmError, LlmProvider, LlmReply, LlmRequest, Usage};
+use super::{post_json, BoxFuture, HttpSettings, LlmError, LlmProvider, LlmReply, LlmRequest, ResponseMeta, Usage};
 use crate::workflow::prompts::PromptText;
 use crate::workflow::schema::without_string_lengths;
 
@@ -37,8 +37,12 @@ impl LlmProvider for OpenAiProvider {
     fn complete<'a>(&'a self, request: &'a LlmRequest) -> BoxFuture<'a, Result<LlmReply, LlmError>> {
         Box::pin(async move {
             let body = request_body(&self.settings, request);
-            let text = post_json(&self.client, &self.settings, "/responses", &body).await?;
-            parse_response(&text, &self.settings)
+            let (text, meta) = post_json(&self.client, &self.settings, "/responses", &body).await?;
+            let reply = parse_response(&text, &self.settings, request.max_output_tokens, meta.clone());
+            match (reply, &meta.request_id) {
+                (Err(e), Some(id)) => Err(e.with_request_id(id)),
+                (other, _) => other,
+            }
         })
     }
 }
@@ -55,8 +59,16 @@ struct ResponsesRequest<'a> {
     /// Sent only when configured: reasoning models reject any temperature.
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f64>,
+    /// `{"effort": …}`, only when the step sets one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning: Option<Reasoning>,
     #[serde(skip_serializing_if = "Option::is_none")]
     text: Option<TextConfig<'a>>,
+}
+
+#[derive(Serialize)]
+struct Reasoning {
+    effort: &'static str,
 }
 
 #[derive(Serialize)]
@@ -76,12 +88,13 @@ struct JsonSchemaFormat<'a> {
 // The Responses API has no `seed` parameter, so `settings.seed` is not sent.
 fn request_body<'a>(settings: &'a HttpSettings, request: &'a LlmRequest) -> ResponsesRequest<'a> {
     ResponsesRequest {
-        model: &settings.model,
+        model: request.model.as_deref().unwrap_or(&settings.model),
         instructions: &request.instructions,
         input: &request.input,
         max_output_tokens: request.max_output_tokens,
         store: false,
-        temperature: settings.temperature,
+        temperature: request.temperature.or(settings.temperature),
+        reasoning: request.reasoning_effort.map(|e| Reasoning { effort: e.as_str() }),
         text: request.format.as_ref().map(|format| TextConfig {
             format: JsonSchemaFormat {
                 kind: "json_schema",
@@ -121,6 +134,32 @@ struct IncompleteDetails {
 struct ResponseUsage {
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
+    input_tokens_details: Option<InputDetails>,
+    output_tokens_details: Option<OutputDetails>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct InputDetails {
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct OutputDetails {
+    reasoning_tokens: Option<u64>,
+}
+
+impl ResponseUsage {
+    fn usage(self) -> Usage {
+        Usage {
+            input_tokens: self.input_tokens.unwrap_or(0),
+            output_tokens: self.output_tokens.unwrap_or(0),
+            cached_input_tokens: self.input_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
+            reasoning_tokens: self.output_tokens_details.and_then(|d| d.reasoning_tokens).unwrap_or(0),
+            cost_usd: None,
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -139,7 +178,7 @@ struct ContentPart {
 }
 
 /// Turns a 2xx Responses body into a reply or a classified error.
-fn parse_response(body: &str, settings: &HttpSettings) -> Result<LlmReply, LlmError> {
+fn parse_response(body: &str, settings: &HttpSettings, cap: u32, meta: ResponseMeta) -> Result<LlmReply, LlmError> {
     let response: ResponseObject = serde_json::from_str(body)
         .map_err(|e| LlmError::InvalidOutput(format!("response body is not a Responses object: {e}")))?;
 
@@ -149,6 +188,16 @@ fn parse_response(body: &str, settings: &HttpSettings) -> Result<LlmReply, LlmEr
         Some("incomplete") => {
             let reason =
                 response.incomplete_details.and_then(|d| d.reason).unwrap_or_else(|| "unknown reason".to_string());
+            if reason == "max_output_tokens" {
+                // Billed, and worth a retry with a larger cap (reasoning may
+                // have used it all, leaving no text).
+                let usage = response.usage.unwrap_or_default().usage();
+                let message = format!(
+                    "response incomplete: max_output_tokens ({} output tokens, {} of them reasoning)",
+                    usage.output_tokens, usage.reasoning_tokens
+                );
+                return Err(LlmError::Truncated { cap, usage, message });
+            }
             return Err(LlmError::InvalidOutput(format!("response incomplete: {reason}")));
         }
         Some("failed") => {
@@ -191,9 +240,5 @@ fn parse_response(body: &str, settings: &HttpSettings) -> Result<LlmReply, LlmEr
         return Err(LlmError::InvalidOutput("empty output".to_string()));
     }
 
-    let usage = response.usage.unwrap_or_default();
-    Ok(LlmReply {
-        text,
-        usage: Usage { input_tokens: usage.input_tokens.unwrap_or(0), output_tokens: usage.output_tokens.unwrap_or(0) },
-    })
+    Ok(LlmReply { text, usage: response.usage.unwrap_or_default().usage(), meta })
 }

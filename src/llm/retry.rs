@@ -133,6 +133,9 @@ pub struct Attempt<'a> {
     pub number: u32,
     /// The previous attempt's gate or parse error, told to the model.
     pub feedback: Option<&'a str>,
+    /// Earlier attempts of this step cut off by the output cap; the loop
+    /// raises the built request's cap by `output_cap` accordingly.
+    pub truncations: u32,
 }
 
 /// Everything a step needs to reach the model. Shared by all stage actors.
@@ -155,6 +158,8 @@ struct CallMetrics {
     gen_ai_duration: metrics::Histogram,
     input_tokens: metrics::Counter,
     output_tokens: metrics::Counter,
+    cached_input_tokens: metrics::Counter,
+    reasoning_tokens: metrics::Counter,
     gen_ai_input_tokens: metrics::Histogram,
     gen_ai_output_tokens: metrics::Histogram,
 }
@@ -172,6 +177,9 @@ impl CallMetrics {
             ),
             input_tokens: metrics::counter!("scriptorium_llm_tokens_total", "direction" => "input"),
             output_tokens: metrics::counter!("scriptorium_llm_tokens_total", "direction" => "output"),
+            // Parts of the two above (as OpenAI counts them), not additions.
+            cached_input_tokens: metrics::counter!("scriptorium_llm_tokens_total", "direction" => "cached_input"),
+            reasoning_tokens: metrics::counter!("scriptorium_llm_tokens_total", "direction" => "reasoning"),
             gen_ai_input_tokens: metrics::histogram!(
                 "gen_ai_client_token_usage",
                 "gen_ai_token_type" => "input",
@@ -189,20 +197,41 @@ impl CallMetrics {
         let seconds = elapsed.as_secs_f64();
         self.duration.record(seconds);
         self.gen_ai_duration.record(seconds);
+        if let Some(usage) = billed(result) {
+            self.input_tokens.increment(usage.input_tokens);
+            self.output_tokens.increment(usage.output_tokens);
+            self.cached_input_tokens.increment(usage.cached_input_tokens);
+            self.reasoning_tokens.increment(usage.reasoning_tokens);
+            self.gen_ai_input_tokens.record(usage.input_tokens as f64);
+            self.gen_ai_output_tokens.record(usage.output_tokens as f64);
+        }
         match result {
-            Ok(reply) => {
-                self.ok.increment(1);
-                self.input_tokens.increment(reply.usage.input_tokens);
-                self.output_tokens.increment(reply.usage.output_tokens);
-                self.gen_ai_input_tokens.record(reply.usage.input_tokens as f64);
-                self.gen_ai_output_tokens.record(reply.usage.output_tokens as f64);
-            }
+            Ok(_) => self.ok.increment(1),
             Err(e) => {
                 let status = e.http_status().map_or("error", status_label);
                 metrics::counter!("scriptorium_llm_requests_total", "provider" => provider, "status" => status)
                     .increment(1);
             }
         }
+    }
+}
+
+/// The tokens a call was billed for: a reply's, or a truncated answer's.
+fn billed(result: &Result<super::LlmReply, LlmError>) -> Option<&Usage> {
+    match result {
+        Ok(reply) => Some(&reply.usage),
+        Err(LlmError::Truncated { usage, .. }) => Some(usage),
+        Err(_) => None,
+    }
+}
+
+/// `scriptorium_cost_usd_total{step, model}`: looked up per priced call (a
+/// per-step model is only known from the request). The `metrics` crate's
+/// counters are integers, so this is a gauge that only ever goes up.
+fn record_cost(step: Step, model: &str, usd: f64) {
+    if usd > 0.0 && usd.is_finite() {
+        metrics::gauge!("scriptorium_cost_usd_total", "step" => step.as_str(), "model" => model.to_string())
+            .increment(usd);
     }
 }
 
@@ -240,6 +269,7 @@ impl StepCaller {
     ) -> Result<StepSuccess<T>, StepFailure> {
         let mut usage = Usage::default();
         let mut feedback: Option<String> = None;
+        let mut truncations = 0;
         let provider = self.provider.name();
         let mut attempt = 0;
         loop {
@@ -250,8 +280,38 @@ impl StepCaller {
             } else {
                 self.budget.record_first_attempt();
             }
-            let request = build(Attempt { number: attempt, feedback: feedback.as_deref() });
-            let waited = self.limiter.acquire(request.estimated_tokens()).await;
+            let mut request = build(Attempt { number: attempt, feedback: feedback.as_deref(), truncations });
+            request.max_output_tokens =
+                super::output_cap(request.max_output_tokens, request.max_output_tokens_ceiling, truncations);
+            if attempt == 1 {
+                // A priced step starts at $0; an unpriced one has no cost.
+                usage.cost_usd = request.price.map(|_| 0.0);
+            }
+            if let Some(limit) = &request.spend_limit {
+                let left = crate::workflow::budget::Remaining {
+                    tokens: limit.tokens.map(|t| t.saturating_sub(usage.total_tokens())),
+                    cost_usd: limit.cost_usd.map(|c| (c - usage.cost_usd.unwrap_or(f64::INFINITY)).max(0.0)),
+                };
+                let worst = request.worst_case();
+                if let Err(short) = crate::workflow::budget::fits(&left, &worst) {
+                    let error = LlmError::BudgetExceeded(format!(
+                        "attempt {attempt} may cost {} tokens{}, more than {} leaves",
+                        worst.tokens,
+                        worst.cost_usd.map(|c| format!(" (${c:.4})")).unwrap_or_default(),
+                        short.as_str()
+                    ));
+                    metrics::counter!(
+                        "scriptorium_step_failures_total",
+                        "step" => step.as_str(),
+                        "reason" => error.reason().as_str()
+                    )
+                    .increment(1);
+                    let done = attempt - 1;
+                    return Err(StepFailure { error, attempts: done, calls: done, usage });
+                }
+            }
+            let reserved = request.estimated_tokens();
+            let waited = self.limiter.acquire(reserved).await;
             let started = Instant::now();
             let span = tracing::debug_span!("attempt", attempt, provider);
             let call = tokio::time::timeout(self.request_timeout, self.provider.complete(&request)).instrument(span);
@@ -261,10 +321,29 @@ impl StepCaller {
             };
             let elapsed = started.elapsed();
             self.metrics.record(provider, &result, elapsed);
+            if let Some(call) = billed(&result) {
+                let before = usage.cost_usd.unwrap_or(0.0);
+                usage.add_call(call, request.price.as_ref());
+                if let Some(after) = usage.cost_usd {
+                    record_cost(step, request.model.as_deref().unwrap_or(self.provider.model()), after - before);
+                }
+                let used = u32::try_from(call.total_tokens()).unwrap_or(u32::MAX);
+                self.limiter.settle(reserved, used);
+            }
+            if let Ok(reply) = &result {
+                let limits = self.limiter.snapshot();
+                if let Some(pause) = reply.meta.limits.pause(limits.requests_per_minute, limits.tokens_per_minute) {
+                    self.limiter.pause_for(pause);
+                }
+            }
             let outcome = result.and_then(|reply| {
-                usage.input_tokens += reply.usage.input_tokens;
-                usage.output_tokens += reply.usage.output_tokens;
-                gate(&reply.text).map_err(|g| LlmError::InvalidOutput(g.0))
+                gate(&reply.text).map_err(|g| {
+                    let message = match &reply.meta.request_id {
+                        Some(id) => format!("{} (request id {id})", g.0),
+                        None => g.0,
+                    };
+                    LlmError::InvalidOutput(message)
+                })
             });
             let failure = outcome.as_ref().err().map(|e| (e.reason(), e.to_string()));
             observe(&AttemptReport { step, attempt, elapsed, waited, usage, failure });
@@ -288,6 +367,11 @@ impl StepCaller {
                 LlmError::InvalidOutput(msg) => Some(msg.clone()),
                 _ => None,
             };
+            if let LlmError::Truncated { .. } = error {
+                // Not the model's fault: the same request would be cut off
+                // again, so the next one gets a larger cap instead.
+                truncations += 1;
+            }
             let backoff = self.policy.backoff(attempt, &mut rand::rng());
             let delay = backoff.max(error.retry_after().unwrap_or_default());
             if !delay.is_zero() {

@@ -56,13 +56,9 @@ fn http_config(rpm: u32, tpm: u32) -> anyhow::Result<Config> {
 /// The real Responses provider pointed at the fake.
 fn provider_for(server: &FakeServer, config: &Config) -> anyhow::Result<Arc<dyn LlmProvider>> {
     let settings = HttpSettings {
-        base_url: server.base_url(),
-        api_key: Some(DUMMY_KEY.to_string()),
-        model: config.llm.model.clone(),
         request_timeout: Duration::from_secs_f64(config.llm.request_timeout_s),
         connect_timeout: Duration::from_secs_f64(config.llm.connect_timeout_s),
-        temperature: None,
-        seed: None,
+        ..HttpSettings::new(server.base_url(), Some(DUMMY_KEY.to_string()), config.llm.model.clone())
     };
     Ok(Arc::new(OpenAiProvider::new(settings)?))
 }
