@@ -114,11 +114,19 @@ pub enum ReasoningEffort {
     Medium,
     High,
     Xhigh,
+    /// Send no effort at all (models without reasoning, local servers).
+    Omit,
 }
 
 impl ReasoningEffort {
+    /// The value sent; `None` for `Omit`.
+    pub fn wire(self) -> Option<&'static str> {
+        (self != ReasoningEffort::Omit).then(|| self.as_str())
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
+            ReasoningEffort::Omit => "omit",
             ReasoningEffort::None => "none",
             ReasoningEffort::Minimal => "minimal",
             ReasoningEffort::Low => "low",
@@ -140,9 +148,10 @@ pub enum ChatMaxTokensField {
     MaxTokens,
 }
 
-/// Per-step model settings (`[llm.steps.<step>]`). Unset keys fall back to
-/// `[llm]`'s (`model`, `temperature`) or are omitted from the request
-/// (`reasoning_effort`).
+/// Per-step model settings (`[llm.steps.<step>]`). A key a step table
+/// leaves out keeps that step's built-in default (`StepsConfig::default`,
+/// filled in by `Config::load`); `model` and `temperature` then fall back
+/// to `[llm]`'s. `reasoning_effort = "omit"` sends none.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct StepSettings {
@@ -531,6 +540,7 @@ impl Config {
 
     fn from_table(mut table: toml::Table, env: &[(String, String)], source: &Path) -> Result<Config, ConfigError> {
         apply_env_overrides(&mut table, env)?;
+        fill_step_defaults(&mut table);
         let de = toml::Value::Table(table);
         let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
@@ -742,6 +752,26 @@ fn apply_env_overrides(table: &mut toml::Table, env: &[(String, String)]) -> Res
         cursor.insert(path[path.len() - 1].clone(), value);
     }
     Ok(())
+}
+
+/// A step table that sets only some keys keeps the step's own defaults for
+/// the rest (serde would fill them from `StepSettings::default`, the same
+/// for every step). Values of the wrong type are left for serde to name.
+fn fill_step_defaults(table: &mut toml::Table) {
+    let Ok(toml::Value::Table(defaults)) = toml::Value::try_from(StepsConfig::default()) else { return };
+    let llm = table.entry("llm").or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(llm) = llm.as_table_mut() else { return };
+    let steps = llm.entry("steps").or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(steps) = steps.as_table_mut() else { return };
+    for (step, values) in defaults {
+        let toml::Value::Table(values) = values else { continue };
+        let entry = steps.entry(step).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let Some(t) = entry.as_table_mut() {
+            for (k, v) in values {
+                t.entry(k).or_insert(v);
+            }
+        }
+    }
 }
 
 fn parse_env_value(raw: &str) -> toml::Value {

@@ -478,9 +478,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>, reset: Arc<Notify>)
             stats.saw_header(name, v);
         }
     }
+    // OpenAI gives every answer a request id, refusals included.
+    let request_id =
+        || vec![("x-request-id", format!("req_fake{:012x}", shared.serial.fetch_add(1, Ordering::Relaxed)))];
     let bad_request = |message: &str| {
         stats.answered("400");
-        json_reply(StatusCode::BAD_REQUEST, &error_body(message, "invalid_request_error", None), &[])
+        json_reply(StatusCode::BAD_REQUEST, &error_body(message, "invalid_request_error", None), &request_id())
     };
     let body = match tokio::time::timeout(READ_TIMEOUT, Limited::new(req.into_body(), MAX_BODY_BYTES).collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
@@ -498,7 +501,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>, reset: Arc<Notify>)
     if let Some((message, param, code)) = parsed.reasoning_violation(wire) {
         stats.answered("400");
         let body = error_body_param(&message, "invalid_request_error", Some(param), Some(code));
-        return json_reply(StatusCode::BAD_REQUEST, &body, &[]);
+        return json_reply(StatusCode::BAD_REQUEST, &body, &request_id());
     }
     let step = parsed.step();
     let topic = parsed.topic();

@@ -105,7 +105,7 @@ fn request_body<'a>(settings: &'a HttpSettings, request: &'a LlmRequest) -> Chat
         max_tokens: (settings.chat_max_tokens_field == ChatMaxTokensField::MaxTokens)
             .then_some(request.max_output_tokens),
         temperature: request.temperature.or(settings.temperature),
-        reasoning_effort: request.reasoning_effort.map(|e| e.as_str()),
+        reasoning_effort: request.reasoning_effort.and_then(|e| e.wire()),
         seed: settings.seed,
         response_format: request.format.as_ref().map(|format| ResponseFormat {
             kind: "json_schema",

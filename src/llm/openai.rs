@@ -94,7 +94,7 @@ fn request_body<'a>(settings: &'a HttpSettings, request: &'a LlmRequest) -> Resp
         max_output_tokens: request.max_output_tokens,
         store: false,
         temperature: request.temperature.or(settings.temperature),
-        reasoning: request.reasoning_effort.map(|e| Reasoning { effort: e.as_str() }),
+        reasoning: request.reasoning_effort.and_then(|e| e.wire()).map(|effort| Reasoning { effort }),
         text: request.format.as_ref().map(|format| TextConfig {
             format: JsonSchemaFormat {
                 kind: "json_schema",
