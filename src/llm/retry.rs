@@ -281,6 +281,11 @@ impl StepCaller {
                 self.budget.record_first_attempt();
             }
             let mut request = build(Attempt { number: attempt, feedback: feedback.as_deref(), truncations });
+            if provider == "simulated" {
+                // Offline answers cost nothing: a price here would be a
+                // made-up cost.
+                request.price = None;
+            }
             request.max_output_tokens =
                 super::output_cap(request.max_output_tokens, request.max_output_tokens_ceiling, truncations);
             if attempt == 1 {
