@@ -242,3 +242,46 @@ fn step_settings_come_from_the_step_table() {
         .unwrap_err();
     assert!(err.to_string().contains("mystery"), "{err}");
 }
+
+#[tokio::test]
+async fn the_daily_spend_limit_refuses_new_topics_and_survives_a_restart() {
+    let server = fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("topics.db");
+    let mut config = shipped_config();
+    // Any real topic costs more than this.
+    config.limits.max_cost_usd_per_day = Some(0.000_001);
+    for round in 0..2 {
+        let store: Arc<dyn scriptorium::store::TopicStore> =
+            Arc::new(scriptorium::store::sqlite::SqliteStore::open(&db).unwrap());
+        let provider: Arc<dyn LlmProvider> = Arc::new(OpenAiProvider::new(settings(&server)).unwrap());
+        let engine = Scriptorium::start(
+            config.clone(),
+            EngineOptions { provider: Some(provider), store: Some(store), ..EngineOptions::default() },
+        )
+        .await
+        .unwrap();
+        let submit = || engine.submit(SubmitRequest { topic: "costly topic".into(), ..SubmitRequest::default() });
+        if round == 0 {
+            let id = submit().await.unwrap().id;
+            let s = engine.wait(&id, Some(Duration::from_secs(60))).await.unwrap();
+            assert!(s.usage.cost_usd.unwrap() > 0.000_001);
+            // The cached sum is at most a second old.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+        let err = submit().await.unwrap_err();
+        assert_eq!(err.code(), "budget", "round {round}: {err}");
+        assert!(err.to_string().contains("max_cost_usd_per_day"), "{err}");
+        engine.shutdown(Duration::from_secs(1)).await;
+    }
+    // A per-submit USD budget for a model without a price is a bad request.
+    let mut unpriced = shipped_config();
+    unpriced.prices.clear();
+    let engine = Scriptorium::start(unpriced, EngineOptions::default()).await.unwrap();
+    let err = engine
+        .submit(SubmitRequest { topic: "t".into(), max_cost_usd: Some(0.5), ..SubmitRequest::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "bad_request", "{err}");
+    engine.shutdown(Duration::from_secs(1)).await;
+}
