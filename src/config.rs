@@ -186,11 +186,11 @@ pub struct StepsConfig {
 impl Default for StepsConfig {
     fn default() -> Self {
         StepsConfig {
-            route: StepSettings::sized(500, ReasoningEffort::Minimal),
-            plan: StepSettings::sized(1500, ReasoningEffort::Low),
-            write: StepSettings::sized(4000, ReasoningEffort::Medium),
-            review: StepSettings::sized(2000, ReasoningEffort::Low),
-            revise: StepSettings::sized(4000, ReasoningEffort::Medium),
+            route: StepSettings::sized(300, ReasoningEffort::Minimal),
+            plan: StepSettings::sized(1000, ReasoningEffort::Low),
+            write: StepSettings::sized(3000, ReasoningEffort::Medium),
+            review: StepSettings::sized(1200, ReasoningEffort::Low),
+            revise: StepSettings::sized(3000, ReasoningEffort::Medium),
         }
     }
 }

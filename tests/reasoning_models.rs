@@ -229,13 +229,13 @@ fn step_settings_come_from_the_step_table() {
     assert_eq!((route.max_output_tokens, route.reasoning_effort), (300, Some(ReasoningEffort::None)));
     assert_eq!(route.price.map(|p| p.output_per_mtok), Some(1.25));
     let write = StepCallSettings::for_step(&config, Step::Write);
-    assert_eq!((write.model, write.max_output_tokens, write.max_output_tokens_ceiling), (None, 4000, 8000));
+    assert_eq!((write.model, write.max_output_tokens, write.max_output_tokens_ceiling), (None, 3000, 8000));
     // A user table replaces the shipped prices: gpt-5.4-mini has none now.
     assert_eq!(write.price, None);
     // A partial step table keeps the step's other defaults.
     let plan = Config::from_toml_str("[llm.steps.plan]\nreasoning_effort = \"omit\"\n", &[]).unwrap();
     let plan = StepCallSettings::for_step(&plan, Step::Plan);
-    assert_eq!((plan.max_output_tokens, plan.reasoning_effort.and_then(|e| e.wire())), (1500, None));
+    assert_eq!((plan.max_output_tokens, plan.reasoning_effort.and_then(|e| e.wire())), (1000, None));
     let err = Config::from_toml_str("[llm.steps.write]\nmax_output_tokens = 90000\n", &[]).unwrap_err();
     assert!(err.to_string().contains("llm.steps.write.max_output_tokens"), "{err}");
     let err = Config::from_toml_str("[workflow]\nmax_cost_usd = 1.0\n[llm.steps.plan]\nmodel = \"mystery\"\n", &[])
