@@ -32,7 +32,7 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.into(), message: message.into() }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub llm: LlmConfig,
@@ -47,6 +47,180 @@ pub struct Config {
     pub prompts: PromptsConfig,
     /// Workflow kinds by name (`article`, `tutorial`, …).
     pub kinds: BTreeMap<String, KindConfig>,
+    /// USD per million tokens, by model name (`[prices."gpt-5.4-mini"]`).
+    /// A model with no entry has no cost: never a guessed one.
+    pub prices: BTreeMap<String, Price>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            llm: LlmConfig::default(),
+            limits: LimitsConfig::default(),
+            retry: RetryConfig::default(),
+            supervision: SupervisionConfig::default(),
+            workflow: WorkflowConfig::default(),
+            daemon: DaemonConfig::default(),
+            chaos: ChaosConfig::default(),
+            prompts: PromptsConfig::default(),
+            kinds: BTreeMap::new(),
+            prices: default_prices(),
+            store: StoreConfig::default(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+/// The shipped price of the default model (OpenAI's published standard
+/// rates when this was written; check them before relying on a cost).
+pub fn default_prices() -> BTreeMap<String, Price> {
+    let mut prices = BTreeMap::new();
+    prices.insert(
+        "gpt-5.4-mini".to_string(),
+        Price { input_per_mtok: 0.75, cached_input_per_mtok: Some(0.075), output_per_mtok: 4.50 },
+    );
+    prices
+}
+
+/// What one model costs, in USD per million tokens. Prices change: they
+/// are the user's to keep current.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub input_per_mtok: f64,
+    /// Input tokens served from the prompt cache; defaults to the input price.
+    #[serde(default)]
+    pub cached_input_per_mtok: Option<f64>,
+    /// Output tokens, reasoning tokens included (they are billed as output).
+    pub output_per_mtok: f64,
+}
+
+impl Price {
+    /// USD for one call: uncached input, cached input and output (which
+    /// includes reasoning) each at their rate.
+    pub fn cost_usd(&self, input_tokens: u64, cached_input_tokens: u64, output_tokens: u64) -> f64 {
+        let cached = cached_input_tokens.min(input_tokens);
+        let uncached = input_tokens - cached;
+        let cached_rate = self.cached_input_per_mtok.unwrap_or(self.input_per_mtok);
+        (uncached as f64 * self.input_per_mtok
+            + cached as f64 * cached_rate
+            + output_tokens as f64 * self.output_per_mtok)
+            / 1e6
+    }
+}
+
+/// Responses `reasoning.effort` / Chat `reasoning_effort`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ReasoningEffort {
+    None,
+    Minimal,
+    Low,
+    Medium,
+    High,
+    Xhigh,
+    /// Send no effort at all (models without reasoning, local servers).
+    Omit,
+}
+
+impl ReasoningEffort {
+    /// The value sent; `None` for `Omit`.
+    pub fn wire(self) -> Option<&'static str> {
+        (self != ReasoningEffort::Omit).then(|| self.as_str())
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReasoningEffort::Omit => "omit",
+            ReasoningEffort::None => "none",
+            ReasoningEffort::Minimal => "minimal",
+            ReasoningEffort::Low => "low",
+            ReasoningEffort::Medium => "medium",
+            ReasoningEffort::High => "high",
+            ReasoningEffort::Xhigh => "xhigh",
+        }
+    }
+}
+
+/// Which field carries the output cap on Chat Completions.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatMaxTokensField {
+    /// OpenAI's current name; reasoning models reject `max_tokens`.
+    MaxCompletionTokens,
+    /// The old name, for servers that ignore the new one (see the config
+    /// file's comment for which).
+    MaxTokens,
+}
+
+/// Per-step model settings (`[llm.steps.<step>]`). A key a step table
+/// leaves out keeps that step's built-in default (`StepsConfig::default`,
+/// filled in by `Config::load`); `model` and `temperature` then fall back
+/// to `[llm]`'s. `reasoning_effort = "omit"` sends none.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StepSettings {
+    pub model: Option<String>,
+    /// The step's first output cap; a truncated answer's next attempt
+    /// doubles it, up to `llm.max_output_tokens`.
+    pub max_output_tokens: u32,
+    pub reasoning_effort: Option<ReasoningEffort>,
+    pub temperature: Option<f64>,
+}
+
+impl StepSettings {
+    fn sized(max_output_tokens: u32, effort: ReasoningEffort) -> StepSettings {
+        StepSettings { model: None, max_output_tokens, reasoning_effort: Some(effort), temperature: None }
+    }
+}
+
+/// `[llm.steps]`: one table per workflow step. Sized for a reasoning model
+/// at the shipped kinds' word counts: route and review answer in a few
+/// dozen tokens, write and revise need the draft (~1.4 tokens a word) plus
+/// reasoning.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StepsConfig {
+    pub route: StepSettings,
+    pub plan: StepSettings,
+    pub write: StepSettings,
+    pub review: StepSettings,
+    pub revise: StepSettings,
+}
+
+impl Default for StepsConfig {
+    fn default() -> Self {
+        StepsConfig {
+            route: StepSettings::sized(300, ReasoningEffort::Minimal),
+            plan: StepSettings::sized(1000, ReasoningEffort::Low),
+            write: StepSettings::sized(3000, ReasoningEffort::Medium),
+            review: StepSettings::sized(1200, ReasoningEffort::Low),
+            revise: StepSettings::sized(3000, ReasoningEffort::Medium),
+        }
+    }
+}
+
+impl StepsConfig {
+    pub fn get(&self, step: crate::workflow::Step) -> &StepSettings {
+        use crate::workflow::Step;
+        match step {
+            Step::Route => &self.route,
+            Step::Plan => &self.plan,
+            Step::Write => &self.write,
+            Step::Review => &self.review,
+            Step::Revise => &self.revise,
+        }
+    }
+
+    fn all(&self) -> [(&'static str, &StepSettings); 5] {
+        [
+            ("route", &self.route),
+            ("plan", &self.plan),
+            ("write", &self.write),
+            ("review", &self.review),
+            ("revise", &self.revise),
+        ]
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -66,12 +240,18 @@ pub struct LlmConfig {
     pub base_url: String,
     pub request_timeout_s: f64,
     pub connect_timeout_s: f64,
+    /// The most output tokens any one call may ask for: each step starts at
+    /// its own `[llm.steps.<step>].max_output_tokens`, and a truncated
+    /// answer's retry doubles that step's cap up to this ceiling.
     pub max_output_tokens: u32,
     /// Sampling temperature; omitted from requests when unset (reasoning
     /// models reject it). Local models want 0.
     pub temperature: Option<f64>,
     /// Sampling seed, sent to Chat Completions servers when set.
     pub seed: Option<u64>,
+    /// The Chat provider's name for the output cap.
+    pub chat_max_tokens_field: ChatMaxTokensField,
+    pub steps: StepsConfig,
     pub simulated: SimulatedConfig,
 }
 
@@ -83,9 +263,11 @@ impl Default for LlmConfig {
             base_url: "https://api.openai.com/v1".into(),
             request_timeout_s: 120.0,
             connect_timeout_s: 10.0,
-            max_output_tokens: 2000,
+            max_output_tokens: 8000,
             temperature: None,
             seed: None,
+            chat_max_tokens_field: ChatMaxTokensField::MaxCompletionTokens,
+            steps: StepsConfig::default(),
             simulated: SimulatedConfig::default(),
         }
     }
@@ -127,6 +309,10 @@ pub struct LimitsConfig {
     pub max_in_flight_topics: usize,
     pub max_queued_topics: usize,
     pub max_topic_chars: usize,
+    /// USD spent per UTC day (by topics submitted that day) after which a
+    /// submit answers `budget`; unset = no limit. Needs a price for every
+    /// model the steps use.
+    pub max_cost_usd_per_day: Option<f64>,
 }
 
 impl Default for LimitsConfig {
@@ -137,6 +323,7 @@ impl Default for LimitsConfig {
             max_in_flight_topics: 64,
             max_queued_topics: 10_000,
             max_topic_chars: 4000,
+            max_cost_usd_per_day: None,
         }
     }
 }
@@ -199,11 +386,25 @@ pub struct WorkflowConfig {
     /// the model says so *and* its score is at least this (0..=10; 0 trusts
     /// the model's verdict alone). Small models approve drafts they score 1.
     pub approval_min_score: u8,
+    /// Tokens (input + output, as billed) one topic may use; unset = no
+    /// limit. Overridable per submit.
+    pub max_tokens: Option<u64>,
+    /// USD one topic may cost; unset = no limit. Overridable per submit.
+    /// Needs a price for every model the steps use.
+    pub max_cost_usd: Option<f64>,
 }
 
 impl Default for WorkflowConfig {
     fn default() -> Self {
-        Self { variants: 3, max_revisions: 1, default_kind: "article".into(), route: true, approval_min_score: 7 }
+        Self {
+            variants: 3,
+            max_revisions: 1,
+            default_kind: "article".into(),
+            route: true,
+            approval_min_score: 7,
+            max_tokens: None,
+            max_cost_usd: None,
+        }
     }
 }
 
@@ -499,6 +700,7 @@ impl Config {
     /// reports where each value came from).
     pub fn from_table(mut table: toml::Table, env: &[(String, String)], source: &Path) -> Result<Config, ConfigError> {
         apply_env_overrides(&mut table, env)?;
+        fill_step_defaults(&mut table);
         let de = toml::Value::Table(table);
         let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
@@ -532,6 +734,43 @@ impl Config {
             if !(0.0..=2.0).contains(&t) {
                 return Err(invalid("llm.temperature", "must be between 0 and 2"));
             }
+        }
+        for (step, s) in self.llm.steps.all() {
+            if s.max_output_tokens == 0 || s.max_output_tokens > self.llm.max_output_tokens {
+                return Err(invalid(
+                    format!("llm.steps.{step}.max_output_tokens"),
+                    format!("must be between 1 and llm.max_output_tokens ({})", self.llm.max_output_tokens),
+                ));
+            }
+            if s.model.as_deref().is_some_and(|m| m.trim().is_empty()) {
+                return Err(invalid(format!("llm.steps.{step}.model"), "must not be empty"));
+            }
+            if let Some(t) = s.temperature {
+                if !(0.0..=2.0).contains(&t) {
+                    return Err(invalid(format!("llm.steps.{step}.temperature"), "must be between 0 and 2"));
+                }
+            }
+        }
+        for (model, p) in &self.prices {
+            let rates = [Some(p.input_per_mtok), p.cached_input_per_mtok, Some(p.output_per_mtok)];
+            if rates.into_iter().flatten().any(|r| !r.is_finite() || r < 0.0) {
+                return Err(invalid(format!("prices.{model}"), "prices must be non-negative numbers"));
+            }
+        }
+        for (key, usd) in [
+            ("workflow.max_cost_usd", self.workflow.max_cost_usd),
+            ("limits.max_cost_usd_per_day", self.limits.max_cost_usd_per_day),
+        ] {
+            let Some(usd) = usd else { continue };
+            if !(usd.is_finite() && usd > 0.0) {
+                return Err(invalid(key, "must be a positive number of US dollars"));
+            }
+            if let Some(model) = self.unpriced_model() {
+                return Err(invalid(key, format!("needs a price for model `{model}` ([prices.\"{model}\"])")));
+            }
+        }
+        if self.workflow.max_tokens == Some(0) {
+            return Err(invalid("workflow.max_tokens", "must be at least 1"));
         }
         let sim = &self.llm.simulated;
         int("llm.simulated.latency_ms", sim.latency_ms, 0, MAX_DELAY_MS)?;
@@ -636,6 +875,22 @@ impl Config {
         Ok(())
     }
 
+    /// The model a step's calls go to.
+    pub fn step_model(&self, step: crate::workflow::Step) -> &str {
+        self.llm.steps.get(step).model.as_deref().unwrap_or(&self.llm.model)
+    }
+
+    /// The price of a step's model, if the table has one.
+    pub fn step_price(&self, step: crate::workflow::Step) -> Option<&Price> {
+        self.prices.get(self.step_model(step))
+    }
+
+    /// A model some step uses that has no price (a USD budget cannot be
+    /// checked without one).
+    pub fn unpriced_model(&self) -> Option<&str> {
+        crate::workflow::Step::ALL.into_iter().map(|s| self.step_model(s)).find(|m| !self.prices.contains_key(*m))
+    }
+
     pub fn kind_names(&self) -> Vec<String> {
         self.kinds.keys().cloned().collect()
     }
@@ -720,6 +975,26 @@ fn apply_env_overrides(table: &mut toml::Table, env: &[(String, String)]) -> Res
         cursor.insert(path[path.len() - 1].clone(), value);
     }
     Ok(())
+}
+
+/// A step table that sets only some keys keeps the step's own defaults for
+/// the rest (serde would fill them from `StepSettings::default`, the same
+/// for every step). Values of the wrong type are left for serde to name.
+fn fill_step_defaults(table: &mut toml::Table) {
+    let Ok(toml::Value::Table(defaults)) = toml::Value::try_from(StepsConfig::default()) else { return };
+    let llm = table.entry("llm").or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(llm) = llm.as_table_mut() else { return };
+    let steps = llm.entry("steps").or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(steps) = steps.as_table_mut() else { return };
+    for (step, values) in defaults {
+        let toml::Value::Table(values) = values else { continue };
+        let entry = steps.entry(step).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let Some(t) = entry.as_table_mut() {
+            for (k, v) in values {
+                t.entry(k).or_insert(v);
+            }
+        }
+    }
 }
 
 fn parse_env_value(raw: &str) -> toml::Value {

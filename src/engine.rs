@@ -51,6 +51,9 @@ pub enum EngineError {
     /// changed; try again once `health` shows the store ok.
     #[error("store unavailable: {0}")]
     StoreUnavailable(String),
+    /// `limits.max_cost_usd_per_day` is spent: no new topics today (UTC).
+    #[error("{0}")]
+    Budget(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -65,6 +68,7 @@ impl EngineError {
             EngineError::InvalidState(_) => "invalid_state",
             EngineError::Timeout(_) => "timeout",
             EngineError::StoreUnavailable(_) => "store_unavailable",
+            EngineError::Budget(_) => "budget",
             EngineError::Internal(_) => "internal",
         }
     }
@@ -93,6 +97,10 @@ pub struct SubmitRequest {
     pub variants: Option<u32>,
     pub require_approval: Option<bool>,
     pub idempotency_key: Option<String>,
+    /// Overrides `workflow.max_tokens` for this topic.
+    pub max_tokens: Option<u64>,
+    /// Overrides `workflow.max_cost_usd` for this topic.
+    pub max_cost_usd: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +160,8 @@ struct Inner {
     started: Instant,
     id_counter: AtomicU64,
     call_timeout: Duration,
+    /// Today's spend and when it was summed (`check_daily_spend`).
+    day_spend: Mutex<Option<(Instant, f64)>>,
 }
 
 /// The engine handle. Cheap to clone.
@@ -232,6 +242,7 @@ impl Scriptorium {
                 started: Instant::now(),
                 id_counter: AtomicU64::new(rand::random::<u32>() as u64),
                 call_timeout: Duration::from_secs(30),
+                day_spend: Mutex::new(None),
             }),
         };
         engine.resume().await?;
@@ -348,6 +359,8 @@ impl Scriptorium {
                 return Err(EngineError::BadRequest("idempotency_key must be 1 to 200 bytes".into()));
             }
         }
+        let budget = crate::workflow::budget::topic_budget(config, req.max_tokens, req.max_cost_usd)
+            .map_err(EngineError::BadRequest)?;
         Ok(Submission {
             id: self.next_id(),
             topic,
@@ -356,6 +369,7 @@ impl Scriptorium {
             require_approval: req.require_approval.unwrap_or(false),
             idempotency_key: req.idempotency_key.clone(),
             submitted_ms: now_ms(),
+            budget,
         })
     }
 
@@ -372,6 +386,7 @@ impl Scriptorium {
                 return Ok(SubmitReceipt { id: id.clone(), existing: true });
             }
         }
+        self.check_daily_spend().await?;
         if !self.admission_call(AdmissionMsg::Reserve).await? {
             return Err(EngineError::Busy(format!(
                 "queue full ({} topics waiting, limits.max_queued_topics); try again later",
@@ -556,6 +571,35 @@ impl Scriptorium {
             }
         }
         Ok(())
+    }
+
+    /// Refuses a new topic with `budget` once the topics submitted today
+    /// (UTC) cost `limits.max_cost_usd_per_day`. The sum comes from the
+    /// store's summaries, so it survives a restart; it is recomputed at
+    /// most once a second (a burst of submits shares one sum, and may
+    /// overshoot the limit by what that second's topics spend).
+    async fn check_daily_spend(&self) -> Result<(), EngineError> {
+        let Some(limit) = self.inner.config.limits.max_cost_usd_per_day else { return Ok(()) };
+        let cached = *self.inner.day_spend.lock().unwrap_or_else(|p| p.into_inner());
+        let spent = match cached {
+            Some((at, spent)) if at.elapsed() < Duration::from_secs(1) => spent,
+            _ => {
+                let since = crate::workflow::budget::utc_day_start_ms(now_ms());
+                let spent: f64 = self
+                    .list(ListQuery::default())
+                    .await?
+                    .iter()
+                    .filter(|s| s.submitted_at_ms >= since)
+                    .filter_map(|s| s.cost_usd)
+                    .sum();
+                *self.inner.day_spend.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), spent));
+                spent
+            }
+        };
+        match crate::workflow::budget::daily_refusal(limit, spent) {
+            Some(reason) => Err(EngineError::Budget(reason)),
+            None => Ok(()),
+        }
     }
 
     pub async fn list(&self, query: ListQuery) -> Result<Vec<TopicSummary>, EngineError> {

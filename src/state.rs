@@ -74,15 +74,65 @@ pub struct StepError {
     pub message: String,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Tokens and money, summed over a topic's steps (or one step name's).
+/// `cached_input_tokens` is part of `input_tokens` and `reasoning_tokens`
+/// part of `output_tokens`. `cost_usd` is `None` as soon as one step with
+/// calls had no price: a partial sum would understate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct UsageTotals {
     pub llm_calls: u64,
     pub input_tokens: u64,
     pub output_tokens: u64,
+    // Defaults keep state files written before these fields readable.
+    #[serde(default)]
+    pub cached_input_tokens: u64,
+    #[serde(default)]
+    pub reasoning_tokens: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+}
+
+impl UsageTotals {
+    /// Input + output tokens: what a token budget counts.
+    pub fn total_tokens(&self) -> u64 {
+        self.input_tokens + self.output_tokens
+    }
+
+    pub fn charge(&mut self, cost: &StepCost) {
+        if cost.calls == 0 {
+            return;
+        }
+        self.cost_usd = match (self.llm_calls, self.cost_usd, cost.usage.cost_usd) {
+            (0, _, step) => step,
+            (_, Some(total), Some(step)) => Some(total + step),
+            _ => None,
+        };
+        self.llm_calls += cost.calls as u64;
+        self.input_tokens += cost.usage.input_tokens;
+        self.output_tokens += cost.usage.output_tokens;
+        self.cached_input_tokens += cost.usage.cached_input_tokens;
+        self.reasoning_tokens += cost.usage.reasoning_tokens;
+    }
+}
+
+/// A topic's own limits (`workflow.max_tokens` / `max_cost_usd`, or the
+/// submitter's override), fixed at submit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct TopicBudget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<f64>,
+}
+
+impl TopicBudget {
+    pub fn is_unlimited(&self) -> bool {
+        self.max_tokens.is_none() && self.max_cost_usd.is_none()
+    }
 }
 
 /// Cost of one step: calls made (all attempts) and tokens.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepCost {
     pub calls: u32,
     pub attempts: u32,
@@ -152,6 +202,8 @@ pub struct Submission {
     pub require_approval: bool,
     pub idempotency_key: Option<String>,
     pub submitted_ms: u64,
+    #[serde(default, skip_serializing_if = "TopicBudget::is_unlimited")]
+    pub budget: TopicBudget,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -181,6 +233,13 @@ pub struct TopicState {
     pub final_draft: Option<FinalDraft>,
     pub error: Option<StepError>,
     pub usage: UsageTotals,
+    /// The same totals per step name (`route`, `plan`, `write`, `review`,
+    /// `revise`).
+    #[serde(default)]
+    pub usage_by_step: std::collections::BTreeMap<String, UsageTotals>,
+    /// The topic's limits; unlimited when absent.
+    #[serde(default, skip_serializing_if = "TopicBudget::is_unlimited")]
+    pub budget: TopicBudget,
     pub timings: Vec<StepTiming>,
     pub submitted_at_ms: u64,
     pub updated_at_ms: u64,
@@ -330,6 +389,8 @@ impl TopicState {
             final_draft: None,
             error: None,
             usage: UsageTotals::default(),
+            usage_by_step: Default::default(),
+            budget: s.budget,
             timings: Vec::new(),
             submitted_at_ms: s.submitted_ms,
             updated_at_ms: s.submitted_ms,
@@ -346,13 +407,15 @@ impl TopicState {
             require_approval: self.require_approval,
             idempotency_key: self.idempotency_key.clone(),
             submitted_ms: self.submitted_at_ms,
+            budget: self.budget,
         }
     }
 
-    fn charge(&mut self, cost: &StepCost) {
-        self.usage.llm_calls += cost.calls as u64;
-        self.usage.input_tokens += cost.usage.input_tokens;
-        self.usage.output_tokens += cost.usage.output_tokens;
+    fn charge(&mut self, step: Step, cost: &StepCost) {
+        self.usage.charge(cost);
+        if cost.calls > 0 {
+            self.usage_by_step.entry(step.as_str().to_string()).or_default().charge(cost);
+        }
     }
 
     fn variant_mut(&mut self, index: u32) -> &mut VariantState {
@@ -387,31 +450,31 @@ impl TopicState {
             }
             J::Routed { kind, cost, timing } => {
                 self.route = Some(kind.clone());
-                self.charge(cost);
+                self.charge(Step::Route, cost);
                 self.timings.extend(timing.clone());
                 self.step = Some("route".into());
             }
             J::Planned { outline, cost, timing } => {
                 self.outline = Some(outline.clone());
-                self.charge(cost);
+                self.charge(Step::Plan, cost);
                 self.timings.push(timing.clone());
                 self.step = Some("plan".into());
             }
             J::Drafted { variant, draft, cost, timing } => {
                 self.variant_mut(*variant).draft = Some(draft.clone());
-                self.charge(cost);
+                self.charge(Step::Write, cost);
                 self.timings.push(timing.clone());
                 self.step = Some("write".into());
             }
             J::Reviewed { variant, review, cost, timing } => {
                 self.variant_mut(*variant).review = Some(review.clone());
-                self.charge(cost);
+                self.charge(Step::Review, cost);
                 self.timings.push(timing.clone());
                 self.step = Some("review".into());
             }
             J::VariantFailed { variant, error, cost, timing } => {
                 self.variant_mut(*variant).error = Some(error.clone());
-                self.charge(cost);
+                self.charge(error.step, cost);
                 self.timings.extend(timing.clone());
             }
             J::Chosen { variant, reason } => {
@@ -428,7 +491,7 @@ impl TopicState {
                 if human_note.is_some() {
                     self.pending_human_note = None;
                 }
-                self.charge(cost);
+                self.charge(Step::Revise, cost);
                 self.timings.push(timing.clone());
                 self.step = Some("revise".into());
                 self.status = TopicStatus::Running;
@@ -437,7 +500,7 @@ impl TopicState {
                 if let Some(r) = self.revisions.iter_mut().find(|r| r.number == *number) {
                     r.review = Some(review.clone());
                 }
-                self.charge(cost);
+                self.charge(Step::Review, cost);
                 self.timings.push(timing.clone());
                 self.step = Some("review".into());
             }
@@ -463,7 +526,7 @@ impl TopicState {
             J::Completed => self.complete(&at_ms),
             J::Failed { error, cost, timing } => {
                 self.error = Some(error.clone());
-                self.charge(cost);
+                self.charge(error.step, cost);
                 self.timings.extend(timing.clone());
                 self.status = TopicStatus::Failed;
                 self.finished_at_ms = Some(at_ms);
@@ -507,6 +570,9 @@ pub struct TopicSummary {
     pub approved: Option<bool>,
     pub revisions: u32,
     pub error: Option<String>,
+    /// The topic's cost so far (`usage.cost_usd`); the daily limit sums it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
 }
 
 impl From<&TopicState> for TopicSummary {
@@ -527,6 +593,7 @@ impl From<&TopicState> for TopicSummary {
             approved: s.final_draft.as_ref().map(|f| f.review.approved),
             revisions: s.revisions.len() as u32,
             error: s.error.as_ref().map(|e| e.message.clone()),
+            cost_usd: s.usage.cost_usd,
         }
     }
 }
@@ -559,6 +626,7 @@ mod tests {
             require_approval: false,
             idempotency_key: None,
             submitted_ms: 0,
+            budget: TopicBudget::default(),
         };
         for status in TopicStatus::ALL {
             for json in &steps {

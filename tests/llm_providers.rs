@@ -61,6 +61,7 @@ fn settings(base_url: &str) -> HttpSettings {
         connect_timeout: Duration::from_secs(2),
         temperature: None,
         seed: None,
+        ..HttpSettings::new("", None, "")
     }
 }
 
@@ -69,9 +70,9 @@ fn structured_request() -> LlmRequest {
         step: Step::Plan,
         instructions: "You are a careful editor.".into(),
         input: "Review this draft: # Title\n\nBody.".into(),
-        max_output_tokens: 800,
         format: Some(Arc::new(review_format())),
         seed_key: 42,
+        ..LlmRequest::new(Step::Plan, "".into(), "".into(), 800)
     }
 }
 
@@ -289,12 +290,20 @@ async fn openai_refusal_is_refused() {
 }
 
 #[tokio::test]
-async fn openai_incomplete_is_invalid_output_with_reason() {
+async fn openai_incomplete_at_the_cap_is_truncated_and_billed() {
     let mut body = responses_body(json!([reasoning_item(), message_item(r#"{"score":"#)]));
     body["status"] = json!("incomplete");
     body["incomplete_details"] = json!({"reason": "max_output_tokens"});
+    let err = call(Kind::OpenAi, ResponseTemplate::new(200).set_body_json(body.clone())).await.unwrap_err();
+    assert!(matches!(&err, LlmError::Truncated { cap: 800, .. }), "{err:?}");
+    assert_eq!(err.reason(), FailureReason::OutputTruncated);
+    assert!(err.is_retryable());
+    let LlmError::Truncated { usage, .. } = err else { unreachable!() };
+    assert_eq!((usage.output_tokens, usage.reasoning_tokens), (52, 32));
+    // Any other reason stays invalid output.
+    body["incomplete_details"] = json!({"reason": "content_filter"});
     let err = call(Kind::OpenAi, ResponseTemplate::new(200).set_body_json(body)).await.unwrap_err();
-    assert!(matches!(&err, LlmError::InvalidOutput(m) if m.contains("max_output_tokens")), "{err:?}");
+    assert!(matches!(&err, LlmError::InvalidOutput(m) if m.contains("content_filter")), "{err:?}");
 }
 
 #[tokio::test]
@@ -328,7 +337,7 @@ async fn chat_structured_success_sends_full_schema_and_bearer() {
         .and(header("authorization", "Bearer test-key"))
         .and(body_partial_json(json!({
             "model": "gpt-test",
-            "max_tokens": 800,
+            "max_completion_tokens": 800,
             "messages": [
                 {"role": "system", "content": "You are a careful editor."},
                 {"role": "user", "content": "Review this draft: # Title\n\nBody."}
@@ -354,7 +363,7 @@ async fn chat_structured_success_sends_full_schema_and_bearer() {
     assert_eq!(body["response_format"]["json_schema"]["schema"], review.schema);
     assert!(body["response_format"]["json_schema"]["schema"].to_string().contains("maxLength"));
     assert_eq!(body["messages"].as_array().unwrap().len(), 2);
-    for absent in ["temperature", "seed", "max_completion_tokens", "store"] {
+    for absent in ["temperature", "seed", "max_tokens", "store", "reasoning_effort"] {
         assert!(body.get(absent).is_none(), "{absent} must not be sent: {body}");
     }
 }
@@ -386,10 +395,11 @@ async fn chat_refusal_is_refused() {
 }
 
 #[tokio::test]
-async fn chat_length_cutoff_is_invalid_output() {
+async fn chat_length_cutoff_is_truncated() {
     let body = chat_body(json!(r#"{"score": 7, "issues": ["the intro"#), "length");
     let err = call(Kind::Chat, ResponseTemplate::new(200).set_body_json(body)).await.unwrap_err();
-    assert!(matches!(&err, LlmError::InvalidOutput(m) if m.contains("max_tokens")), "{err:?}");
+    assert!(matches!(&err, LlmError::Truncated { cap: 800, .. }), "{err:?}");
+    assert_eq!(err.reason(), FailureReason::OutputTruncated);
 }
 
 #[tokio::test]

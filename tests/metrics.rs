@@ -29,8 +29,18 @@ use serde_json::Value;
 const TOPICS: usize = 30;
 const STEPS: [&str; 5] = ["route", "plan", "write", "review", "revise"];
 const OUTCOMES: [&str; 4] = ["approved", "not_approved", "failed", "cancelled"];
-const REASONS: [&str; 8] =
-    ["rate_limited", "server_error", "timeout", "connection", "invalid_output", "refused", "fatal", "actor_restart"];
+const REASONS: [&str; 10] = [
+    "rate_limited",
+    "server_error",
+    "timeout",
+    "connection",
+    "invalid_output",
+    "refused",
+    "fatal",
+    "actor_restart",
+    "output_truncated",
+    "budget_exceeded",
+];
 const ACTORS: [&str; 5] = ["router", "planner", "writer", "reviewer", "reviser"];
 const PROVIDERS: [&str; 3] = ["openai", "chat", "simulated"];
 
@@ -83,7 +93,7 @@ fn is_provider(v: &str) -> bool {
     any_of(&PROVIDERS)(v)
 }
 fn is_direction(v: &str) -> bool {
-    v == "input" || v == "output"
+    ["input", "output", "cached_input", "reasoning"].contains(&v)
 }
 fn is_status(v: &str) -> bool {
     (v.len() == 3 && v.bytes().all(|b| b.is_ascii_digit())) || ["4xx", "5xx", "other", "error"].contains(&v)

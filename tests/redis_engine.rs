@@ -208,6 +208,7 @@ async fn two_engines_hold_the_servers_rate_limit_with_no_429() {
         connect_timeout: Duration::from_secs(2),
         temperature: None,
         seed: None,
+        ..HttpSettings::new("", None, "")
     };
     // Each engine is given the server's full limit: the limit is shared.
     let config = Config::from_toml_str("", &env(&r, &[("LIMITS__REQUESTS_PER_MINUTE", "1200")])).unwrap();

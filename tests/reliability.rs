@@ -486,6 +486,7 @@ async fn concurrent_writes_of_one_topic_keep_the_newest() {
         require_approval: false,
         idempotency_key: None,
         submitted_ms: 1,
+        budget: Default::default(),
     });
     // 200 snapshots taken in order, written concurrently, newest first, so
     // the oldest writes finish last.

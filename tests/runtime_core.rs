@@ -249,6 +249,7 @@ async fn cancel_drops_the_in_flight_request_and_makes_no_further_call() {
         connect_timeout: Duration::from_secs(2),
         temperature: None,
         seed: None,
+        ..HttpSettings::new("", None, "")
     };
     let provider: Arc<dyn LlmProvider> = Arc::new(OpenAiProvider::new(settings).unwrap());
     let config = test_config(&[("WORKFLOW__VARIANTS", "1")]);
@@ -280,6 +281,7 @@ async fn shutdown_after_the_grace_period_drops_in_flight_requests() {
         connect_timeout: Duration::from_secs(2),
         temperature: None,
         seed: None,
+        ..HttpSettings::new("", None, "")
     };
     let provider: Arc<dyn LlmProvider> = Arc::new(OpenAiProvider::new(settings).unwrap());
     let engine =

@@ -24,11 +24,12 @@ fn submission(id: &str, key: Option<&str>, submitted_ms: u64) -> Submission {
         require_approval: false,
         idempotency_key: key.map(str::to_string),
         submitted_ms,
+        budget: Default::default(),
     }
 }
 
 fn cost(calls: u32, input: u64, output: u64) -> StepCost {
-    StepCost { calls, attempts: calls, usage: Usage { input_tokens: input, output_tokens: output } }
+    StepCost { calls, attempts: calls, usage: Usage { input_tokens: input, output_tokens: output, ..Usage::default() } }
 }
 
 fn timing(step: Step, variant: Option<u32>, started_ms: u64) -> StepTiming {

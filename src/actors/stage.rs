@@ -104,10 +104,19 @@ fn request_for<S: Stage>(
         step: S::STEP,
         instructions: prompt.instructions,
         input: prompt.input,
-        max_output_tokens: services.config.llm.max_output_tokens,
+        max_output_tokens: 0,
+        max_output_tokens_ceiling: 0,
+        model: None,
+        reasoning_effort: None,
+        temperature: None,
+        price: None,
+        spend_limit: None,
         format: structured,
         seed_key: seed_key(S::topic(job), S::STEP, S::position(job), attempt.number),
     }
+    // Per-step model, cap, effort, temperature and price; `StepCaller`
+    // raises the cap after a truncated attempt.
+    .with_settings(&crate::llm::StepCallSettings::for_step(&services.config, S::STEP))
 }
 
 // ---- the five stages -------------------------------------------------------
@@ -333,5 +342,5 @@ async fn run_attempt<S: Stage>(
         }
         S::gate(services, job, text)
     };
-    services.caller.attempt(&request, gate, cancel).await
+    services.caller.attempt(request, attempt, gate, cancel).await
 }

@@ -19,7 +19,7 @@ mod fake;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Scenario: overhead, scale, ratelimit, tokens, chaos, crash (see README
+    /// Scenario: overhead, scale, ratelimit, tokens, shipped, chaos, crash (see README
     /// "Performance").
     #[arg(long, default_value = "overhead")]
     pub scenario: String,
@@ -339,9 +339,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             let n = args.topics.first().copied().unwrap_or(1000);
             fake::rate_bound(&args.results, &args.scenario, n).await?;
         }
+        "shipped" => fake::shipped(&args.results, args.topics.first().copied().unwrap_or(100)).await?,
         "chaos" => fake::chaos(&args.results, args.topics.first().copied().unwrap_or(1000)).await?,
         "crash" => fake::crash(&args.results, args.topics.first().copied().unwrap_or(1000)).await?,
-        other => anyhow::bail!("unknown scenario `{other}` (have: overhead, scale, ratelimit, tokens, chaos, crash)"),
+        other => anyhow::bail!(
+            "unknown scenario `{other}` (have: overhead, scale, ratelimit, tokens, shipped, chaos, crash)"
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -70,6 +70,9 @@ pub enum ClientCommand {
         /// Give up waiting after this many seconds (default 600, max 3600).
         #[arg(long, value_name = "S")]
         timeout: Option<f64>,
+        /// Print only the final draft's markdown (fails when there is none).
+        #[arg(long, conflicts_with = "json")]
+        markdown: bool,
         #[command(flatten)]
         out: OutputArgs,
     },
@@ -159,6 +162,12 @@ pub struct SubmitArgs {
     /// several topics, `-1`, `-2`, ... is appended per topic.
     #[arg(long, value_name = "K")]
     pub idempotency_key: Option<String>,
+    /// Token budget per topic (default: the daemon's workflow.max_tokens).
+    #[arg(long, value_name = "N")]
+    pub max_tokens: Option<u64>,
+    /// Budget per topic in USD (default: the daemon's workflow.max_cost_usd).
+    #[arg(long, value_name = "USD")]
+    pub max_cost_usd: Option<f64>,
     /// Wait for every topic and print a summary.
     #[arg(long)]
     pub wait: bool,
@@ -237,7 +246,7 @@ async fn execute(path: &Path, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ClientCommand::Status { id: None, out } => list(&mut client, ListParams::default(), out).await,
-        ClientCommand::Result { id, wait, timeout, out } => {
+        ClientCommand::Result { id, wait, timeout, markdown, out } => {
             let timeout_s = timeout.map(|t| t.clamp(0.0, MAX_WAIT_S));
             let request = Request::Result(ResultParams { id, wait, timeout_s });
             let read_for = if wait {
@@ -246,6 +255,18 @@ async fn execute(path: &Path, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
                 READ_TIMEOUT
             };
             let (raw, body) = client.call::<ResultBody>(&request, read_for).await?;
+            if markdown {
+                let Some(f) = &body.state.final_draft else {
+                    eprintln!(
+                        "error: topic {} has no final draft (status {})",
+                        body.state.id,
+                        body.state.status.as_str()
+                    );
+                    return Ok(ExitCode::FAILURE);
+                };
+                outln!("{}", f.draft.markdown.trim_end())?;
+                return Ok(exit_for(body.state.status));
+            }
             if out.json {
                 outln!("{raw}")?;
             } else {
@@ -443,6 +464,8 @@ async fn submit(client: &mut Client, args: SubmitArgs) -> anyhow::Result<ExitCod
             variants: args.variants,
             require_approval: args.approval.then_some(true),
             idempotency_key,
+            max_tokens: args.max_tokens,
+            max_cost_usd: args.max_cost_usd,
         });
         let (raw, receipt) = submit_retrying(client, &request).await?;
         if args.out.json {

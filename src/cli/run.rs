@@ -33,9 +33,16 @@ pub struct RunArgs {
     pub kind: Option<String>,
     /// Write each topic's full state to DIR/<id>.json after every step, and
     /// journal it in DIR/scriptorium.db: the same command run again resumes
-    /// unfinished topics from there without re-running finished steps.
+    /// unfinished topics from there without re-running finished steps;
+    /// and write each final draft to DIR/<id>.md when it has one.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Token budget per topic (default: workflow.max_tokens).
+    #[arg(long, value_name = "N")]
+    pub max_tokens: Option<u64>,
+    /// Budget per topic in USD (default: workflow.max_cost_usd).
+    #[arg(long, value_name = "USD")]
+    pub max_cost_usd: Option<f64>,
     /// Print one JSON state per topic on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -129,6 +136,11 @@ pub async fn run(config_path: Option<PathBuf>, log_format: LogFormat, args: RunA
             return interrupted(&engine, &ids, files.as_ref(), &args, started).await;
         }
     };
+    if let Some(dir) = &args.out {
+        for s in &states {
+            write_markdown(dir, s)?;
+        }
+    }
     print_states(&states, &args, started.elapsed())?;
     engine.shutdown(Duration::from_secs(1)).await;
     let all_completed = states.iter().all(|s| s.status == TopicStatus::Completed);
@@ -207,6 +219,8 @@ async fn submit_all(
             kind: args.kind.clone(),
             variants: args.variants,
             idempotency_key: keyed.then(|| run_key(topic, args)),
+            max_tokens: args.max_tokens,
+            max_cost_usd: args.max_cost_usd,
             ..SubmitRequest::default()
         };
         loop {
@@ -274,6 +288,28 @@ fn spawn_progress(engine: Scriptorium, total: usize) -> tokio::task::JoinHandle<
     })
 }
 
+/// `DIR/<id>.md`: the final draft as a writer uses it (mode 0600, like the
+/// state files). Topics without a final draft get none.
+fn write_markdown(dir: &std::path::Path, state: &TopicState) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(f) = &state.final_draft else { return Ok(()) };
+    let path = dir.join(format!("{}.md", state.id));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(file, "{}", f.draft.markdown.trim_end()).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// `$0.0123`, or `-` when a step's model has no price.
+fn fmt_cost(cost: Option<f64>) -> String {
+    cost.map(|c| format!("${c:.4}")).unwrap_or_else(|| "-".into())
+}
+
 fn truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()
@@ -284,8 +320,8 @@ fn truncate(s: &str, n: usize) -> String {
 
 fn print_table(states: &[TopicState], elapsed: Duration) {
     println!(
-        "{:<40}  {:<9}  {:>5}  {:<8}  {:>4}  {:>5}  {:>7}  {:>6}",
-        "TOPIC", "ROUTE", "SCORE", "APPROVED", "REVS", "CALLS", "TOKENS", "TIME"
+        "{:<40}  {:<9}  {:>5}  {:<8}  {:>4}  {:>5}  {:>7}  {:>8}  {:>6}",
+        "TOPIC", "ROUTE", "SCORE", "APPROVED", "REVS", "CALLS", "TOKENS", "COST", "TIME"
     );
     for s in states {
         let (score, approved) = match &s.final_draft {
@@ -294,7 +330,7 @@ fn print_table(states: &[TopicState], elapsed: Duration) {
         };
         let secs = s.finished_at_ms.unwrap_or(s.updated_at_ms).saturating_sub(s.submitted_at_ms) as f64 / 1000.0;
         println!(
-            "{:<40}  {:<9}  {:>5}  {:<8}  {:>4}  {:>5}  {:>7}  {:>5.1}s",
+            "{:<40}  {:<9}  {:>5}  {:<8}  {:>4}  {:>5}  {:>7}  {:>8}  {:>5.1}s",
             truncate(&s.topic, 40),
             truncate(s.route.as_deref().unwrap_or("-"), 9),
             score,
@@ -302,6 +338,7 @@ fn print_table(states: &[TopicState], elapsed: Duration) {
             s.revisions.len(),
             s.usage.llm_calls,
             s.usage.input_tokens + s.usage.output_tokens,
+            fmt_cost(s.usage.cost_usd),
             secs
         );
         if let Some(e) = &s.error {
@@ -310,13 +347,17 @@ fn print_table(states: &[TopicState], elapsed: Duration) {
     }
     let completed = states.iter().filter(|s| s.status == TopicStatus::Completed).count();
     let approved = states.iter().filter(|s| s.final_draft.as_ref().is_some_and(|f| f.review.approved)).count();
+    // A total only when every topic has a cost: a partial sum would
+    // understate.
+    let total: Option<f64> = states.iter().map(|s| s.usage.cost_usd).sum();
     println!(
-        "\n{} topics: {} completed ({} approved), {} failed, in {:.1}s",
+        "\n{} topics: {} completed ({} approved), {} failed, in {:.1}s, cost {}",
         states.len(),
         completed,
         approved,
         states.len() - completed,
-        elapsed.as_secs_f64()
+        elapsed.as_secs_f64(),
+        fmt_cost(total)
     );
 }
 

@@ -41,7 +41,7 @@ use tokio::task::JoinHandle;
 use crate::llm::simulated::fake_output;
 use limits::{format_reset, Gcra, Refusal};
 pub use stats::{FakeStats, StatsSnapshot};
-use wire::{error_body, ok_body, ParsedRequest, Wire};
+use wire::{error_body, error_body_param, is_reasoning_model, ok_body, reasoning_range, Billing, ParsedRequest, Wire};
 
 /// Largest request body read; bigger ones get a 413.
 const MAX_BODY_BYTES: usize = 8 << 20;
@@ -205,6 +205,7 @@ struct Shared {
     stats: Arc<FakeStats>,
     limits: Mutex<Limits>,
     script: Mutex<VecDeque<Fault>>,
+    prompt_cache: Mutex<std::collections::HashSet<u64>>,
     serial: AtomicU64,
     shutdown: watch::Receiver<bool>,
 }
@@ -232,6 +233,7 @@ pub async fn start(config: FakeConfig) -> std::io::Result<FakeServer> {
         stats: Arc::new(FakeStats::new()),
         limits: Mutex::new(limits),
         script: Mutex::new(VecDeque::new()),
+        prompt_cache: Mutex::new(std::collections::HashSet::new()),
         serial: AtomicU64::new(0),
         shutdown: shutdown_rx,
     });
@@ -368,7 +370,33 @@ fn raw_reply(status: StatusCode, body: String, headers: &[(&'static str, String)
     r
 }
 
+/// Prompt caching as OpenAI documents it: prompts of 1,024 tokens or more
+/// whose prefix was seen recently are served from the cache in 128-token
+/// blocks. The fake caches the instructions (the shared prefix).
+const CACHE_MIN_TOKENS: u32 = 1024;
+/// Distinct prefixes remembered; the set is cleared when full.
+const CACHE_ENTRIES: usize = 10_000;
+
 impl Shared {
+    fn cached_tokens(&self, parsed: &ParsedRequest) -> u32 {
+        let prefix = (parsed.instructions.len() / 4) as u32;
+        if parsed.input_tokens() < CACHE_MIN_TOKENS || prefix < CACHE_MIN_TOKENS {
+            return 0;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&parsed.instructions, &mut h);
+        let key = std::hash::Hasher::finish(&h);
+        let mut seen = lock(&self.prompt_cache);
+        if seen.len() >= CACHE_ENTRIES {
+            seen.clear();
+        }
+        if seen.insert(key) {
+            0
+        } else {
+            prefix / 128 * 128
+        }
+    }
+
     fn now_ns(&self) -> f64 {
         self.stats.started().elapsed().as_nanos() as f64
     }
@@ -445,9 +473,17 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>, reset: Arc<Notify>)
             );
         }
     };
+    for name in ["user-agent", "openai-organization", "openai-project"] {
+        if let Some(v) = req.headers().get(name).and_then(|v| v.to_str().ok()) {
+            stats.saw_header(name, v);
+        }
+    }
+    // OpenAI gives every answer a request id, refusals included.
+    let request_id =
+        || vec![("x-request-id", format!("req_fake{:012x}", shared.serial.fetch_add(1, Ordering::Relaxed)))];
     let bad_request = |message: &str| {
         stats.answered("400");
-        json_reply(StatusCode::BAD_REQUEST, &error_body(message, "invalid_request_error", None), &[])
+        json_reply(StatusCode::BAD_REQUEST, &error_body(message, "invalid_request_error", None), &request_id())
     };
     let body = match tokio::time::timeout(READ_TIMEOUT, Limited::new(req.into_body(), MAX_BODY_BYTES).collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
@@ -462,6 +498,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>, reset: Arc<Notify>)
         Ok(p) => p,
         Err(message) => return bad_request(&message),
     };
+    if let Some((message, param, code)) = parsed.reasoning_violation(wire) {
+        stats.answered("400");
+        let body = error_body_param(&message, "invalid_request_error", Some(param), Some(code));
+        return json_reply(StatusCode::BAD_REQUEST, &body, &request_id());
+    }
     let step = parsed.step();
     let topic = parsed.topic();
     let arrived = Instant::now();
@@ -555,7 +596,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>, reset: Arc<Notify>)
         Some(Fault::Malformed) => {
             stats.answered("200");
             let text = generate(&parsed, &mut rng);
-            let full = ok_body(wire, serial, &parsed.model, &text, parsed.input_tokens()).to_string();
+            let bill = Billing {
+                input_tokens: parsed.input_tokens(),
+                text_tokens: (text.len() / 4) as u32,
+                ..Billing::default()
+            };
+            let full = ok_body(wire, serial, &parsed.model, &text, &bill).to_string();
             // Cut on a char boundary: still UTF-8, no longer JSON.
             let mut cut = full.len() / 2;
             while !full.is_char_boundary(cut) {
@@ -570,13 +616,29 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>, reset: Arc<Notify>)
             } else {
                 "# [fake] wrong shape\n\nThis draft ignores the rules (injected)."
             };
-            let body = ok_body(wire, serial, &parsed.model, text, parsed.input_tokens());
+            let bill = Billing {
+                input_tokens: parsed.input_tokens(),
+                text_tokens: (text.len() / 4) as u32,
+                ..Billing::default()
+            };
+            stats.billed(&topic, bill.total_tokens(), 0, false);
+            let body = ok_body(wire, serial, &parsed.model, text, &bill);
             json_reply(StatusCode::OK, &body, &headers)
         }
         None => {
             stats.answered("200");
             let text = generate(&parsed, &mut rng);
-            let body = ok_body(wire, serial, &parsed.model, &text, parsed.input_tokens());
+            let reasoning = if is_reasoning_model(&parsed.model) {
+                let (lo, hi) = reasoning_range(parsed.reasoning_effort.as_deref());
+                rng.random_range(lo..=hi)
+            } else {
+                0
+            };
+            let cached = shared.cached_tokens(&parsed);
+            let (bill, fits) =
+                Billing::spend(parsed.input_tokens(), cached, reasoning, &text, parsed.max_output_tokens);
+            stats.billed(&topic, bill.total_tokens(), u64::from(bill.reasoning_tokens), bill.truncated);
+            let body = ok_body(wire, serial, &parsed.model, &text[..fits], &bill);
             json_reply(StatusCode::OK, &body, &headers)
         }
     }

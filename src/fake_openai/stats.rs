@@ -30,6 +30,11 @@ struct Inner {
     admissions: Vec<(Duration, u32)>,
     admissions_dropped: u64,
     tokens_admitted: u64,
+    tokens_billed: u64,
+    reasoning_tokens: u64,
+    truncated: u64,
+    billed_by_topic: HashMap<String, u64>,
+    headers_seen: BTreeMap<String, String>,
     last_request: Option<Instant>,
     mark: Option<Instant>,
     first_since_mark: Option<Instant>,
@@ -56,6 +61,12 @@ pub struct StatsSnapshot {
     /// (at most `MAX_REFUSAL_TIMES`).
     pub rate_limited_at_s: Vec<f64>,
     pub tokens_admitted: u64,
+    /// Tokens reported as usage (input + output, reasoning included) in
+    /// 200 answers, truncated ones included: what a real server bills.
+    pub tokens_billed: u64,
+    pub reasoning_tokens: u64,
+    /// Answers cut off at the request's output cap.
+    pub truncated: u64,
 }
 
 impl FakeStats {
@@ -129,7 +140,35 @@ impl FakeStats {
             rate_limited: s.rate_limited,
             rate_limited_at_s: s.rate_limited_at.clone(),
             tokens_admitted: s.tokens_admitted,
+            tokens_billed: s.tokens_billed,
+            reasoning_tokens: s.reasoning_tokens,
+            truncated: s.truncated,
         }
+    }
+
+    /// A 200 answer billed `tokens` (input + output) to `topic`.
+    pub(crate) fn billed(&self, topic: &str, tokens: u64, reasoning: u64, truncated: bool) {
+        let mut s = self.lock();
+        s.tokens_billed += tokens;
+        s.reasoning_tokens += reasoning;
+        s.truncated += u64::from(truncated);
+        *s.billed_by_topic.entry(topic.to_string()).or_default() += tokens;
+    }
+
+    /// Tokens billed per topic (the topic read from the prompt).
+    pub fn billed_by_topic(&self) -> HashMap<String, u64> {
+        self.lock().billed_by_topic.clone()
+    }
+
+    /// The last value of a header the fake records (`user-agent`,
+    /// `openai-organization`, `openai-project`; never `authorization`).
+    pub(crate) fn saw_header(&self, name: &str, value: &str) {
+        let mut s = self.lock();
+        s.headers_seen.insert(name.to_string(), value.chars().take(200).collect());
+    }
+
+    pub fn header_seen(&self, name: &str) -> Option<String> {
+        self.lock().headers_seen.get(name).cloned()
     }
 
     /// Requests received per (topic, step) so far.

@@ -26,6 +26,36 @@ pub struct ParsedRequest {
     /// `max_output_tokens` (Responses) or `max_tokens` /
     /// `max_completion_tokens` (Chat); 0 when absent.
     pub max_output_tokens: u32,
+    /// Chat only: the cap came as the old `max_tokens`.
+    pub used_max_tokens: bool,
+    pub temperature: Option<f64>,
+    /// Responses `reasoning.effort` / Chat `reasoning_effort`.
+    pub reasoning_effort: Option<String>,
+}
+
+/// Models the fake treats as reasoning models, as OpenAI's gpt-5 and
+/// o-series: hidden reasoning tokens count against the output cap, and
+/// `temperature` and Chat's `max_tokens` are refused.
+pub fn is_reasoning_model(model: &str) -> bool {
+    ["gpt-5", "o1", "o3", "o4"].iter().any(|p| model.starts_with(p)) && !model.starts_with("gpt-5-chat")
+}
+
+/// Effort values the API knows.
+pub const EFFORTS: [&str; 6] = ["none", "minimal", "low", "medium", "high", "xhigh"];
+
+/// The range reasoning tokens are drawn from per request for an effort
+/// (omitted = `medium`, OpenAI's default). The fake's own sizes: real
+/// models vary far more, but what matters is that they count against the
+/// cap and are billed as output.
+pub fn reasoning_range(effort: Option<&str>) -> (u32, u32) {
+    match effort.unwrap_or("medium") {
+        "none" => (0, 0),
+        "minimal" => (0, 128),
+        "low" => (64, 512),
+        "high" => (1024, 4096),
+        "xhigh" => (2048, 8192),
+        _ => (256, 1536),
+    }
 }
 
 /// Concatenated text of a content value: a string, or an array of parts
@@ -71,6 +101,9 @@ impl ParsedRequest {
                     input,
                     format,
                     max_output_tokens: max_tokens(&body["max_output_tokens"]),
+                    used_max_tokens: false,
+                    temperature: body["temperature"].as_f64(),
+                    reasoning_effort: body["reasoning"]["effort"].as_str().map(str::to_string),
                 })
             }
             Wire::Chat => {
@@ -101,6 +134,9 @@ impl ParsedRequest {
                     input: input.join("\n"),
                     format,
                     max_output_tokens: max,
+                    used_max_tokens: !body["max_tokens"].is_null(),
+                    temperature: body["temperature"].as_f64(),
+                    reasoning_effort: body["reasoning_effort"].as_str().map(str::to_string),
                 })
             }
         }
@@ -135,6 +171,46 @@ impl ParsedRequest {
         }
     }
 
+    /// The 400 OpenAI answers a reasoning model's request with, if any:
+    /// `(message, param, code)`. Messages as the API words them.
+    pub fn reasoning_violation(&self, wire: Wire) -> Option<(String, &'static str, &'static str)> {
+        if !is_reasoning_model(&self.model) {
+            return None;
+        }
+        if let Some(effort) = &self.reasoning_effort {
+            if !EFFORTS.contains(&effort.as_str()) {
+                let param = if wire == Wire::Chat { "reasoning_effort" } else { "reasoning.effort" };
+                return Some((
+                    format!("Invalid value: '{effort}'. Supported values are: 'none', 'minimal', 'low', 'medium', 'high', and 'xhigh'."),
+                    param,
+                    "invalid_value",
+                ));
+            }
+        }
+        match wire {
+            Wire::Chat if self.used_max_tokens => Some((
+                "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead."
+                    .into(),
+                "max_tokens",
+                "unsupported_parameter",
+            )),
+            Wire::Chat => match self.temperature {
+                Some(t) if t != 1.0 => Some((
+                    format!("Unsupported value: 'temperature' does not support {t} with this model. Only the default (1) value is supported."),
+                    "temperature",
+                    "unsupported_value",
+                )),
+                _ => None,
+            },
+            Wire::Responses if self.temperature.is_some() => Some((
+                "Unsupported parameter: 'temperature' is not supported with this model.".into(),
+                "temperature",
+                "unsupported_parameter",
+            )),
+            Wire::Responses => None,
+        }
+    }
+
     /// The topic from the prompt's `Topic (…): "<json string>"` line; empty
     /// when there is none.
     pub fn topic(&self) -> String {
@@ -146,33 +222,89 @@ impl ParsedRequest {
     }
 }
 
-/// A 200 body carrying `text` as the model's answer.
-pub fn ok_body(wire: Wire, serial: u64, model: &str, text: &str, input_tokens: u32) -> Value {
-    let output_tokens = (text.len() / 4) as u64;
-    let input_tokens = u64::from(input_tokens);
+/// What one answer costs and whether it was cut off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Billing {
+    pub input_tokens: u32,
+    pub cached_tokens: u32,
+    pub reasoning_tokens: u32,
+    /// Visible text tokens (after any cut).
+    pub text_tokens: u32,
+    /// The cap ran out: Responses `incomplete` / Chat `length`.
+    pub truncated: bool,
+}
+
+impl Billing {
+    /// Reasoning first, then text, both against the cap (0 = no cap), the
+    /// way a reasoning model spends its `max_output_tokens`. Returns the
+    /// bill and how much of `text` (in bytes, on a char boundary) fits.
+    pub fn spend(input_tokens: u32, cached_tokens: u32, reasoning: u32, text: &str, cap: u32) -> (Billing, usize) {
+        let text_tokens = (text.len() / 4) as u32;
+        let cap = if cap == 0 { u32::MAX } else { cap };
+        let reasoning_tokens = reasoning.min(cap);
+        let room = cap - reasoning_tokens;
+        if text_tokens <= room {
+            let b = Billing { input_tokens, cached_tokens, reasoning_tokens, text_tokens, truncated: false };
+            return (b, text.len());
+        }
+        let mut cut = (room as usize * 4).min(text.len());
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let b = Billing { input_tokens, cached_tokens, reasoning_tokens, text_tokens: room, truncated: true };
+        (b, cut)
+    }
+
+    pub fn output_tokens(&self) -> u32 {
+        self.reasoning_tokens + self.text_tokens
+    }
+
+    pub fn total_tokens(&self) -> u64 {
+        u64::from(self.input_tokens) + u64::from(self.output_tokens())
+    }
+}
+
+/// A 200 body carrying `text` as the model's answer, usage as `bill`
+/// says. With reasoning, a `reasoning` item precedes the message; when the
+/// cap ran out the response is `incomplete` (Responses) or ends with
+/// `finish_reason: length` (Chat), with whatever text fit (maybe none).
+pub fn ok_body(wire: Wire, serial: u64, model: &str, text: &str, bill: &Billing) -> Value {
+    let input_tokens = u64::from(bill.input_tokens);
+    let output_tokens = u64::from(bill.output_tokens());
     let created = crate::state::now_ms() / 1000;
     match wire {
-        Wire::Responses => json!({
-            "id": format!("resp_fake{serial:012x}"),
-            "object": "response",
-            "created_at": created,
-            "status": "completed",
-            "error": null,
-            "incomplete_details": null,
-            "model": model,
-            "output": [{
-                "type": "message",
-                "id": format!("msg_fake{serial:012x}"),
-                "status": "completed",
-                "role": "assistant",
-                "content": [{"type": "output_text", "text": text, "annotations": []}]
-            }],
-            "usage": {
-                "input_tokens": input_tokens,
-                "output_tokens": output_tokens,
-                "total_tokens": input_tokens + output_tokens
+        Wire::Responses => {
+            let mut output = Vec::new();
+            if bill.reasoning_tokens > 0 {
+                output.push(json!({"type": "reasoning", "id": format!("rs_fake{serial:012x}"), "summary": []}));
             }
-        }),
+            if !text.is_empty() || !bill.truncated {
+                output.push(json!({
+                    "type": "message",
+                    "id": format!("msg_fake{serial:012x}"),
+                    "status": if bill.truncated { "incomplete" } else { "completed" },
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]
+                }));
+            }
+            json!({
+                "id": format!("resp_fake{serial:012x}"),
+                "object": "response",
+                "created_at": created,
+                "status": if bill.truncated { "incomplete" } else { "completed" },
+                "error": null,
+                "incomplete_details": if bill.truncated { json!({"reason": "max_output_tokens"}) } else { Value::Null },
+                "model": model,
+                "output": output,
+                "usage": {
+                    "input_tokens": input_tokens,
+                    "input_tokens_details": {"cached_tokens": bill.cached_tokens},
+                    "output_tokens": output_tokens,
+                    "output_tokens_details": {"reasoning_tokens": bill.reasoning_tokens},
+                    "total_tokens": input_tokens + output_tokens
+                }
+            })
+        }
         Wire::Chat => json!({
             "id": format!("chatcmpl-fake{serial:012x}"),
             "object": "chat.completion",
@@ -181,11 +313,13 @@ pub fn ok_body(wire: Wire, serial: u64, model: &str, text: &str, input_tokens: u
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": text, "refusal": null},
-                "finish_reason": "stop"
+                "finish_reason": if bill.truncated { "length" } else { "stop" }
             }],
             "usage": {
                 "prompt_tokens": input_tokens,
+                "prompt_tokens_details": {"cached_tokens": bill.cached_tokens},
                 "completion_tokens": output_tokens,
+                "completion_tokens_details": {"reasoning_tokens": bill.reasoning_tokens},
                 "total_tokens": input_tokens + output_tokens
             }
         }),
@@ -194,7 +328,12 @@ pub fn ok_body(wire: Wire, serial: u64, model: &str, text: &str, input_tokens: u
 
 /// An OpenAI error body.
 pub fn error_body(message: &str, kind: &str, code: Option<&str>) -> Value {
-    json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+    error_body_param(message, kind, None, code)
+}
+
+/// An OpenAI error body naming the offending parameter.
+pub fn error_body_param(message: &str, kind: &str, param: Option<&str>, code: Option<&str>) -> Value {
+    json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
 }
 
 #[cfg(test)]

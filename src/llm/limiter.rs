@@ -36,12 +36,14 @@ pub trait RateLimit: Send + Sync + 'static {
     fn acquire(&self, tokens: u32) -> BoxFuture<'_, Duration>;
     /// Holds every caller back for `for_how_long` (a 429's retry-after).
     fn pause_for(&self, for_how_long: Duration);
-    /// After a call: `reserved_tokens` went to `acquire`, the server billed
-    /// `used_tokens`. A limiter may give the difference back.
+    fn snapshot(&self) -> LimiterSnapshot;
+    /// Called after each billed call with the tokens reserved in `acquire`
+    /// and the tokens the server billed. The in-process GCRA buckets cannot
+    /// hand tokens back, so the default does nothing; a limiter that can
+    /// (a shared counter) refunds the difference here.
     fn settle(&self, reserved_tokens: u32, used_tokens: u32) {
         let _ = (reserved_tokens, used_tokens);
     }
-    fn snapshot(&self) -> LimiterSnapshot;
 }
 
 /// Share of a one-second burst the client allows itself. At the same rate,

@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Config, ProviderChoice};
+use crate::config::{ChatMaxTokensField, Config, Price, ProviderChoice, ReasoningEffort};
 use crate::workflow::prompts::PromptText;
 use crate::workflow::schema::StructuredFormat;
 use crate::workflow::Step;
@@ -34,7 +34,24 @@ pub struct LlmRequest {
     pub instructions: Arc<str>,
     /// The user input (topic, draft to review, …).
     pub input: PromptText,
+    /// This attempt's output cap (reasoning included). `StepCaller::call`
+    /// raises it after a truncated answer (`output_cap`).
     pub max_output_tokens: u32,
+    /// The most `max_output_tokens` may be raised to.
+    pub max_output_tokens_ceiling: u32,
+    /// The step's model; `None` = the provider's (`llm.model`).
+    pub model: Option<Arc<str>>,
+    /// Omitted from the request when `None`.
+    pub reasoning_effort: Option<ReasoningEffort>,
+    /// Omitted from the request when `None` (reasoning models reject it).
+    pub temperature: Option<f64>,
+    /// The model's price, when the table has one: the call's cost.
+    pub price: Option<Price>,
+    /// What this step may still spend (the topic runner's share for it);
+    /// `StepCaller::call` starts no attempt whose worst case (prompt
+    /// estimate + this attempt's cap) does not fit in what is left of it.
+    /// `None` = no budget.
+    pub spend_limit: Option<crate::workflow::budget::Remaining>,
     /// `Some` for structured (JSON) steps; `None` for markdown.
     pub format: Option<Arc<StructuredFormat>>,
     /// Stable per (topic, step, variant, attempt): lets the simulated provider
@@ -43,18 +60,221 @@ pub struct LlmRequest {
 }
 
 impl LlmRequest {
+    /// A request with no per-step settings: the provider's model, no
+    /// reasoning effort or temperature, no price, `max_output_tokens` as
+    /// both the cap and its ceiling (tests and benches).
+    pub fn new(step: Step, instructions: Arc<str>, input: PromptText, max_output_tokens: u32) -> LlmRequest {
+        LlmRequest {
+            step,
+            instructions,
+            input,
+            max_output_tokens,
+            max_output_tokens_ceiling: max_output_tokens,
+            model: None,
+            reasoning_effort: None,
+            temperature: None,
+            price: None,
+            spend_limit: None,
+            format: None,
+            seed_key: 0,
+        }
+    }
+
     /// Token cost charged to the limiter before the call: prompt characters
-    /// / 4 plus the output allowance.
+    /// / 4 plus this attempt's output cap (the step's own, not a global one).
     pub fn estimated_tokens(&self) -> u32 {
+        self.prompt_tokens_estimate().saturating_add(self.max_output_tokens)
+    }
+
+    /// Prompt characters / 4: the input half of `estimated_tokens`.
+    pub fn prompt_tokens_estimate(&self) -> u32 {
         let prompt_chars = self.instructions.len() + self.input.len();
-        (prompt_chars / 4) as u32 + self.max_output_tokens
+        u32::try_from(prompt_chars / 4).unwrap_or(u32::MAX)
+    }
+
+    /// Applies a step's settings (model, cap, effort, temperature, price).
+    pub fn with_settings(mut self, s: &StepCallSettings) -> LlmRequest {
+        self.model = s.model.clone();
+        self.max_output_tokens = s.max_output_tokens;
+        self.max_output_tokens_ceiling = s.max_output_tokens_ceiling;
+        self.reasoning_effort = s.reasoning_effort;
+        self.temperature = s.temperature;
+        self.price = s.price;
+        self
+    }
+
+    /// The worst case of this attempt: prompt estimate + its cap, priced.
+    pub fn worst_case(&self) -> crate::workflow::budget::WorstCase {
+        crate::workflow::budget::step_worst_case(
+            self.prompt_tokens_estimate(),
+            self.max_output_tokens,
+            1,
+            self.price.as_ref(),
+        )
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// What a step's calls are sent with, from `[llm]`, `[llm.steps.<step>]`
+/// and `[prices]`. Pure: the runner can compute a step's worst case from it
+/// before the step runs (`workflow::budget`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepCallSettings {
+    /// `Some` only when the step names a model of its own.
+    pub model: Option<Arc<str>>,
+    /// The first attempt's cap.
+    pub max_output_tokens: u32,
+    pub max_output_tokens_ceiling: u32,
+    pub reasoning_effort: Option<ReasoningEffort>,
+    pub temperature: Option<f64>,
+    pub price: Option<Price>,
+}
+
+impl StepCallSettings {
+    pub fn for_step(config: &Config, step: Step) -> StepCallSettings {
+        let s = config.llm.steps.get(step);
+        StepCallSettings {
+            model: s.model.as_deref().map(Arc::from),
+            max_output_tokens: s.max_output_tokens,
+            max_output_tokens_ceiling: config.llm.max_output_tokens.max(s.max_output_tokens),
+            reasoning_effort: s.reasoning_effort,
+            temperature: s.temperature.or(config.llm.temperature),
+            price: config.step_price(step).copied(),
+        }
+    }
+
+    /// The most output tokens any attempt of this step may be billed for
+    /// (the cap after every doubling).
+    pub fn worst_case_output(&self) -> u32 {
+        self.max_output_tokens_ceiling
+    }
+}
+
+/// The output cap of an attempt after `truncations` truncated answers:
+/// the step's first cap doubled once per truncation, never above the
+/// ceiling. A function of the settings and the attempt history only, so the
+/// retry loop and a budget check compute the same number.
+pub fn output_cap(first: u32, ceiling: u32, truncations: u32) -> u32 {
+    let ceiling = ceiling.max(first);
+    let factor = 1u64 << truncations.min(20);
+    u32::try_from((u64::from(first) * factor).min(u64::from(ceiling))).unwrap_or(ceiling)
+}
+
+/// Tokens one call (or a step's calls, summed) was billed for, as the
+/// server reported them. `cached_input_tokens` is part of `input_tokens`,
+/// `reasoning_tokens` part of `output_tokens` (as OpenAI counts them).
+/// `cost_usd` is `None` when the model has no price.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     pub input_tokens: u64,
     pub output_tokens: u64,
+    // Defaults keep journals written before these fields readable.
+    #[serde(default)]
+    pub cached_input_tokens: u64,
+    #[serde(default)]
+    pub reasoning_tokens: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+}
+
+impl Usage {
+    /// Input + output: what counts against a token budget.
+    pub fn total_tokens(&self) -> u64 {
+        self.input_tokens + self.output_tokens
+    }
+
+    /// Adds one call's tokens, priced with `price` (no price → the sum has
+    /// no cost either: a partial cost would understate).
+    pub fn add_call(&mut self, call: &Usage, price: Option<&Price>) {
+        self.input_tokens += call.input_tokens;
+        self.output_tokens += call.output_tokens;
+        self.cached_input_tokens += call.cached_input_tokens;
+        self.reasoning_tokens += call.reasoning_tokens;
+        self.cost_usd = match (self.cost_usd, price) {
+            (Some(c), Some(p)) => Some(c + p.cost_usd(call.input_tokens, call.cached_input_tokens, call.output_tokens)),
+            _ => None,
+        };
+    }
+}
+
+/// What the response headers said besides the body: the request id (for
+/// support tickets and logs) and the server's view of its rate limits.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResponseMeta {
+    pub request_id: Option<String>,
+    pub limits: RateLimitHeaders,
+}
+
+/// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RateLimitHeaders {
+    pub limit_requests: Option<u64>,
+    pub limit_tokens: Option<u64>,
+    pub remaining_requests: Option<u64>,
+    pub remaining_tokens: Option<u64>,
+    pub reset_requests: Option<Duration>,
+    pub reset_tokens: Option<Duration>,
+}
+
+/// Longest pause the rate-limit headers may impose on the limiter.
+pub const MAX_HEADER_PAUSE: Duration = Duration::from_secs(60);
+
+impl RateLimitHeaders {
+    pub fn from_headers(h: &reqwest::header::HeaderMap) -> RateLimitHeaders {
+        let num = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+        let dur = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).and_then(parse_reset);
+        RateLimitHeaders {
+            limit_requests: num("x-ratelimit-limit-requests"),
+            limit_tokens: num("x-ratelimit-limit-tokens"),
+            remaining_requests: num("x-ratelimit-remaining-requests"),
+            remaining_tokens: num("x-ratelimit-remaining-tokens"),
+            reset_requests: dur("x-ratelimit-reset-requests"),
+            reset_tokens: dur("x-ratelimit-reset-tokens"),
+        }
+    }
+
+    /// How long every caller should hold back: only when the server is
+    /// stricter than our own limiter (its limit below ours, or ours off) and
+    /// says a limit is spent, until it resets (at most `MAX_HEADER_PAUSE`).
+    /// With equal limits the limiter already keeps the pace; pausing on
+    /// every empty bucket would only slow it.
+    pub fn pause(&self, configured_rpm: u32, configured_tpm: u32) -> Option<Duration> {
+        let stricter = |server: Option<u64>, ours: u32| server.is_some_and(|s| ours == 0 || s < u64::from(ours));
+        let mut pause: Option<Duration> = None;
+        if stricter(self.limit_requests, configured_rpm) && self.remaining_requests == Some(0) {
+            pause = pause.max(self.reset_requests);
+        }
+        if stricter(self.limit_tokens, configured_tpm) && self.remaining_tokens == Some(0) {
+            pause = pause.max(self.reset_tokens);
+        }
+        pause.filter(|p| !p.is_zero()).map(|p| p.min(MAX_HEADER_PAUSE))
+    }
+}
+
+/// OpenAI's reset format: `17ms`, `1s`, `1.5s`, `6m0s`, `1h2m3s`.
+pub fn parse_reset(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    let mut total = 0.0f64;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let split = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let (number, tail) = rest.split_at(split);
+        let value: f64 = number.parse().ok()?;
+        let unit_len = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
+        let (unit, next) = tail.split_at(unit_len);
+        total += value
+            * match unit {
+                "ms" => 0.001,
+                "s" => 1.0,
+                "m" => 60.0,
+                "h" => 3600.0,
+                _ => return None,
+            };
+        rest = next;
+    }
+    (total.is_finite() && total >= 0.0).then(|| Duration::from_secs_f64(total))
 }
 
 /// A successful provider answer: the text, before any gate.
@@ -65,6 +285,7 @@ pub struct LlmReply {
     /// Why the model stopped (`stop`, `length`, …), as the provider said
     /// it; `None` when it did not say.
     pub finish_reason: Option<String>,
+    pub meta: ResponseMeta,
 }
 
 /// Small fixed set of failure reasons, used as metric label values and in
@@ -80,10 +301,15 @@ pub enum FailureReason {
     Refused,
     Fatal,
     ActorRestart,
+    /// The answer hit the output cap (`incomplete` / `finish_reason:
+    /// length`); the next attempt raises the cap.
+    OutputTruncated,
+    /// The next attempt's worst case did not fit the step's budget.
+    BudgetExceeded,
 }
 
 impl FailureReason {
-    pub const ALL: [FailureReason; 8] = [
+    pub const ALL: [FailureReason; 10] = [
         FailureReason::RateLimited,
         FailureReason::ServerError,
         FailureReason::Timeout,
@@ -92,6 +318,8 @@ impl FailureReason {
         FailureReason::Refused,
         FailureReason::Fatal,
         FailureReason::ActorRestart,
+        FailureReason::OutputTruncated,
+        FailureReason::BudgetExceeded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -104,6 +332,8 @@ impl FailureReason {
             FailureReason::Refused => "refused",
             FailureReason::Fatal => "fatal",
             FailureReason::ActorRestart => "actor_restart",
+            FailureReason::OutputTruncated => "output_truncated",
+            FailureReason::BudgetExceeded => "budget_exceeded",
         }
     }
 }
@@ -124,6 +354,14 @@ pub enum LlmError {
     InvalidOutput(String),
     #[error("model refused: {0}")]
     Refused(String),
+    /// The answer stopped at the output cap, maybe with no text at all when
+    /// reasoning used it up. Billed: `usage` is what the server counted.
+    #[error("output truncated at max output tokens {cap}: {message}")]
+    Truncated { cap: u32, usage: Usage, message: String },
+    /// Not sent: the attempt could cost more than the budget has left.
+    /// Never retried.
+    #[error("budget exceeded: {0}")]
+    BudgetExceeded(String),
     /// 400/401/403/404, `insufficient_quota`: never retried.
     #[error("fatal error{}: {message}", status.map(|s| format!(" (HTTP {s})")).unwrap_or_default())]
     Fatal { status: Option<u16>, message: String },
@@ -155,11 +393,13 @@ impl LlmError {
             LlmError::Fatal { status, message } => LlmError::Fatal { status, message: f(message) },
             LlmError::WorkerLost(m) => LlmError::WorkerLost(f(m)),
             LlmError::Cancelled => LlmError::Cancelled,
+            LlmError::Truncated { cap, usage, message } => LlmError::Truncated { cap, usage, message: f(message) },
+            LlmError::BudgetExceeded(m) => LlmError::BudgetExceeded(f(m)),
         }
     }
 
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, LlmError::Fatal { .. } | LlmError::Cancelled)
+        !matches!(self, LlmError::Fatal { .. } | LlmError::Cancelled | LlmError::BudgetExceeded(_))
     }
 
     pub fn reason(&self) -> FailureReason {
@@ -170,6 +410,8 @@ impl LlmError {
             LlmError::Connection(_) => FailureReason::Connection,
             LlmError::InvalidOutput(_) => FailureReason::InvalidOutput,
             LlmError::Refused(_) => FailureReason::Refused,
+            LlmError::Truncated { .. } => FailureReason::OutputTruncated,
+            LlmError::BudgetExceeded(_) => FailureReason::BudgetExceeded,
             LlmError::Fatal { .. } | LlmError::Cancelled => FailureReason::Fatal,
             LlmError::WorkerLost(_) => FailureReason::ActorRestart,
         }
@@ -190,8 +432,12 @@ impl LlmError {
             LlmError::Server { status, .. } => Some(*status),
             LlmError::Fatal { status, .. } => *status,
             // Invalid output and refusals arrived in a 200 response.
-            LlmError::InvalidOutput(_) | LlmError::Refused(_) => Some(200),
-            LlmError::Timeout(_) | LlmError::Connection(_) | LlmError::WorkerLost(_) | LlmError::Cancelled => None,
+            LlmError::InvalidOutput(_) | LlmError::Refused(_) | LlmError::Truncated { .. } => Some(200),
+            LlmError::Timeout(_)
+            | LlmError::Connection(_)
+            | LlmError::WorkerLost(_)
+            | LlmError::Cancelled
+            | LlmError::BudgetExceeded(_) => None,
         }
     }
 
@@ -287,6 +533,9 @@ fn build_untraced(config: &Config) -> Result<(Arc<dyn LlmProvider>, Option<Strin
         connect_timeout: Duration::from_secs_f64(config.llm.connect_timeout_s),
         temperature: config.llm.temperature,
         seed: config.llm.seed,
+        chat_max_tokens_field: config.llm.chat_max_tokens_field,
+        organization: env_nonempty("OPENAI_ORG_ID"),
+        project: env_nonempty("OPENAI_PROJECT_ID"),
     };
     match config.llm.provider {
         ProviderChoice::Simulated => {
@@ -311,6 +560,13 @@ fn build_untraced(config: &Config) -> Result<(Arc<dyn LlmProvider>, Option<Strin
     }
 }
 
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+}
+
+/// `scriptorium/<version>`, sent as `User-Agent` on every call.
+pub const USER_AGENT: &str = concat!("scriptorium/", env!("CARGO_PKG_VERSION"));
+
 /// What the HTTP providers need. `Debug` redacts the key.
 #[derive(Clone)]
 pub struct HttpSettings {
@@ -319,8 +575,34 @@ pub struct HttpSettings {
     pub model: String,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Used when a request carries no temperature of its own.
     pub temperature: Option<f64>,
     pub seed: Option<u64>,
+    /// Chat provider only: the output cap's field name.
+    pub chat_max_tokens_field: ChatMaxTokensField,
+    /// `OPENAI_ORG_ID` → `OpenAI-Organization`.
+    pub organization: Option<String>,
+    /// `OPENAI_PROJECT_ID` → `OpenAI-Project`.
+    pub project: Option<String>,
+}
+
+impl HttpSettings {
+    /// Settings for a server at `base_url` with everything else at its
+    /// default (tests and benches).
+    pub fn new(base_url: impl Into<String>, api_key: Option<String>, model: impl Into<String>) -> HttpSettings {
+        HttpSettings {
+            base_url: base_url.into(),
+            api_key,
+            model: model.into(),
+            request_timeout: Duration::from_secs(120),
+            connect_timeout: Duration::from_secs(10),
+            temperature: None,
+            seed: None,
+            chat_max_tokens_field: ChatMaxTokensField::MaxCompletionTokens,
+            organization: None,
+            project: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for HttpSettings {
@@ -338,6 +620,7 @@ impl HttpSettings {
     /// One pooled client per provider (never per call).
     pub fn client(&self) -> Result<reqwest::Client, LlmError> {
         reqwest::Client::builder()
+            .user_agent(USER_AGENT)
             .timeout(self.request_timeout)
             .connect_timeout(self.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
@@ -447,35 +730,83 @@ pub fn redact_secret(text: &str, secret: &str) -> String {
 }
 
 /// The HTTP half shared by the two network providers: POSTs `body` as JSON to
-/// `{base_url}{path}` (bearer key only when one is set) and returns the body
-/// text of a 2xx answer. Every failure comes back already classified, with the
-/// key redacted from anything the server said. Parsing the 2xx body is the
+/// `{base_url}{path}` (bearer key only when one is set, OpenAI's organization
+/// and project headers when configured) and returns the body text of a 2xx
+/// answer with what its headers said. Every failure comes back already
+/// classified, with the key redacted from anything the server said and the
+/// server's `x-request-id` in the message. Parsing the 2xx body is the
 /// caller's job: only it knows the wire format.
 pub(crate) async fn post_json<B: serde::Serialize + ?Sized>(
     client: &reqwest::Client,
     settings: &HttpSettings,
     path: &str,
     body: &B,
-) -> Result<String, LlmError> {
+) -> Result<(String, ResponseMeta), LlmError> {
     let mut builder = client.post(format!("{}{path}", settings.base_url)).json(body);
     if let Some(key) = settings.api_key.as_deref() {
         // `bearer_auth` marks the header sensitive, so reqwest never prints it.
         builder = builder.bearer_auth(key);
     }
+    if let Some(org) = settings.organization.as_deref() {
+        builder = builder.header("OpenAI-Organization", org);
+    }
+    if let Some(project) = settings.project.as_deref() {
+        builder = builder.header("OpenAI-Project", project);
+    }
     let response = builder.send().await.map_err(|e| classify_transport_error(&e, settings.request_timeout))?;
     let status = response.status();
     // Read the headers before `text()` consumes the response.
     let retry_after = retry_after_from_headers(response.headers());
+    let meta = ResponseMeta {
+        request_id: response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            // Bounded and printable: it goes into errors and log lines.
+            .map(|v| v.chars().filter(|c| c.is_ascii_graphic()).take(100).collect::<String>())
+            .filter(|v| !v.is_empty()),
+        limits: RateLimitHeaders::from_headers(response.headers()),
+    };
     if !status.is_success() {
         // The body only improves the message; losing it must not hide the
         // status, so a failed read degrades to an empty body.
         let text = response.text().await.unwrap_or_default();
         // Redacted after decoding: the body may spell the key with JSON
         // escapes that only decoding turns back into the key.
-        return Err(settings.scrub(LlmError::from_status(status.as_u16(), &text, retry_after)));
+        let error = settings.scrub(LlmError::from_status(status.as_u16(), &text, retry_after));
+        return Err(match &meta.request_id {
+            Some(id) => error.with_request_id(id),
+            None => error,
+        });
     }
     // The client timeout covers the body too, so a stalled body is a Timeout.
-    response.text().await.map_err(|e| classify_transport_error(&e, settings.request_timeout))
+    let text = response.text().await.map_err(|e| classify_transport_error(&e, settings.request_timeout))?;
+    Ok((text, meta))
+}
+
+impl LlmError {
+    /// Appends `(request id …)` to the message: support needs it, and the
+    /// step's error and log line carry the message.
+    pub fn with_request_id(self, id: &str) -> LlmError {
+        let tag = |m: String| format!("{m} (request id {id})");
+        match self {
+            LlmError::RateLimited { retry_after, message } => {
+                LlmError::RateLimited { retry_after, message: tag(message) }
+            }
+            LlmError::Server { status, retry_after, message } => {
+                LlmError::Server { status, retry_after, message: tag(message) }
+            }
+            LlmError::Fatal { status, message } => LlmError::Fatal { status, message: tag(message) },
+            LlmError::InvalidOutput(m) => LlmError::InvalidOutput(tag(m)),
+            LlmError::Refused(m) => LlmError::Refused(tag(m)),
+            LlmError::Truncated { cap, usage, message } => LlmError::Truncated { cap, usage, message: tag(message) },
+            other @ (LlmError::Timeout(_)
+            | LlmError::Connection(_)
+            | LlmError::BudgetExceeded(_)
+            | LlmError::WorkerLost(_)
+            | LlmError::Cancelled) => other,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -540,6 +871,64 @@ mod tests {
         assert_eq!(retry_after_from_headers(&h), Some(Duration::from_secs(600)));
         h.insert("retry-after-ms", "1e300".parse().unwrap());
         assert_eq!(retry_after_from_headers(&h), Some(Duration::from_secs(600)));
+    }
+
+    #[test]
+    fn output_cap_doubles_to_the_ceiling() {
+        assert_eq!(output_cap(500, 8000, 0), 500);
+        assert_eq!(output_cap(500, 8000, 1), 1000);
+        assert_eq!(output_cap(500, 8000, 4), 8000);
+        assert_eq!(output_cap(500, 8000, 40), 8000);
+        assert_eq!(output_cap(3000, 8000, 2), 8000);
+        // A ceiling below the first cap never lowers it.
+        assert_eq!(output_cap(4000, 2000, 3), 4000);
+    }
+
+    #[test]
+    fn reset_durations_and_header_pauses() {
+        assert_eq!(parse_reset("17ms"), Some(Duration::from_millis(17)));
+        assert_eq!(parse_reset("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_reset("6m0s"), Some(Duration::from_secs(360)));
+        assert_eq!(parse_reset("1h2m3s"), Some(Duration::from_secs(3723)));
+        assert_eq!(parse_reset("soon"), None);
+        assert_eq!(parse_reset(""), None);
+        let spent = RateLimitHeaders {
+            limit_requests: Some(60),
+            remaining_requests: Some(0),
+            reset_requests: Some(Duration::from_millis(900)),
+            ..RateLimitHeaders::default()
+        };
+        // Server allows 60/min, we were told 500/min: it is stricter.
+        assert_eq!(spent.pause(500, 0), Some(Duration::from_millis(900)));
+        // Same limit as ours: our own limiter keeps the pace.
+        assert_eq!(spent.pause(60, 0), None);
+        let left = RateLimitHeaders { remaining_requests: Some(3), ..spent };
+        assert_eq!(left.pause(500, 0), None);
+        let long = RateLimitHeaders { reset_requests: Some(Duration::from_secs(3600)), ..spent };
+        assert_eq!(long.pause(500, 0), Some(MAX_HEADER_PAUSE));
+    }
+
+    #[test]
+    fn usage_sums_cost_only_with_a_price() {
+        let price = Price { input_per_mtok: 1.0, cached_input_per_mtok: Some(0.1), output_per_mtok: 10.0 };
+        let call = Usage {
+            input_tokens: 1_000_000,
+            cached_input_tokens: 500_000,
+            output_tokens: 100_000,
+            reasoning_tokens: 50_000,
+            cost_usd: None,
+        };
+        let mut priced = Usage { cost_usd: Some(0.0), ..Usage::default() };
+        priced.add_call(&call, Some(&price));
+        // 0.5 M uncached at $1 + 0.5 M cached at $0.1 + 0.1 M out at $10.
+        assert!((priced.cost_usd.unwrap() - 1.55).abs() < 1e-9, "{priced:?}");
+        assert_eq!((priced.reasoning_tokens, priced.total_tokens()), (50_000, 1_100_000));
+        let mut unpriced = Usage { cost_usd: Some(0.0), ..Usage::default() };
+        unpriced.add_call(&call, None);
+        assert_eq!(unpriced.cost_usd, None);
+        // Old journals without the new fields still read.
+        let old: Usage = serde_json::from_str(r#"{"input_tokens":1,"output_tokens":2}"#).unwrap();
+        assert_eq!((old.cached_input_tokens, old.reasoning_tokens, old.cost_usd), (0, 0, None));
     }
 
     #[test]

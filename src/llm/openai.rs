@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{post_json, BoxFuture, HttpSettings, LlmError, LlmProvider, LlmReply, LlmRequest, Usage};
+use super::{post_json, BoxFuture, HttpSettings, LlmError, LlmProvider, LlmReply, LlmRequest, ResponseMeta, Usage};
 use crate::workflow::prompts::PromptText;
 use crate::workflow::schema::without_string_lengths;
 
@@ -40,7 +40,13 @@ impl LlmProvider for OpenAiProvider {
             // Everything the server said, errors and reply text alike, is
             // redacted on its way out (the key may be echoed anywhere).
             let result = match post_json(&self.client, &self.settings, "/responses", &body).await {
-                Ok(text) => parse_response(&text, &self.settings),
+                Ok((text, meta)) => {
+                    let reply = parse_response(&text, &self.settings, request.max_output_tokens, meta.clone());
+                    match (reply, &meta.request_id) {
+                        (Err(e), Some(id)) => Err(e.with_request_id(id)),
+                        (other, _) => other,
+                    }
+                }
                 Err(e) => Err(e),
             };
             self.settings.scrubbed(result)
@@ -60,8 +66,16 @@ struct ResponsesRequest<'a> {
     /// Sent only when configured: reasoning models reject any temperature.
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f64>,
+    /// `{"effort": …}`, only when the step sets one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning: Option<Reasoning>,
     #[serde(skip_serializing_if = "Option::is_none")]
     text: Option<TextConfig<'a>>,
+}
+
+#[derive(Serialize)]
+struct Reasoning {
+    effort: &'static str,
 }
 
 #[derive(Serialize)]
@@ -81,12 +95,13 @@ struct JsonSchemaFormat<'a> {
 // The Responses API has no `seed` parameter, so `settings.seed` is not sent.
 fn request_body<'a>(settings: &'a HttpSettings, request: &'a LlmRequest) -> ResponsesRequest<'a> {
     ResponsesRequest {
-        model: &settings.model,
+        model: request.model.as_deref().unwrap_or(&settings.model),
         instructions: &request.instructions,
         input: &request.input,
         max_output_tokens: request.max_output_tokens,
         store: false,
-        temperature: settings.temperature,
+        temperature: request.temperature.or(settings.temperature),
+        reasoning: request.reasoning_effort.and_then(|e| e.wire()).map(|effort| Reasoning { effort }),
         text: request.format.as_ref().map(|format| TextConfig {
             format: JsonSchemaFormat {
                 kind: "json_schema",
@@ -126,6 +141,32 @@ struct IncompleteDetails {
 struct ResponseUsage {
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
+    input_tokens_details: Option<InputDetails>,
+    output_tokens_details: Option<OutputDetails>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct InputDetails {
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct OutputDetails {
+    reasoning_tokens: Option<u64>,
+}
+
+impl ResponseUsage {
+    fn usage(self) -> Usage {
+        Usage {
+            input_tokens: self.input_tokens.unwrap_or(0),
+            output_tokens: self.output_tokens.unwrap_or(0),
+            cached_input_tokens: self.input_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
+            reasoning_tokens: self.output_tokens_details.and_then(|d| d.reasoning_tokens).unwrap_or(0),
+            cost_usd: None,
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -144,7 +185,7 @@ struct ContentPart {
 }
 
 /// Turns a 2xx Responses body into a reply or a classified error.
-fn parse_response(body: &str, settings: &HttpSettings) -> Result<LlmReply, LlmError> {
+fn parse_response(body: &str, settings: &HttpSettings, cap: u32, meta: ResponseMeta) -> Result<LlmReply, LlmError> {
     let response: ResponseObject = serde_json::from_str(body)
         .map_err(|e| LlmError::InvalidOutput(format!("response body is not a Responses object: {e}")))?;
 
@@ -154,6 +195,16 @@ fn parse_response(body: &str, settings: &HttpSettings) -> Result<LlmReply, LlmEr
         Some("incomplete") => {
             let reason =
                 response.incomplete_details.and_then(|d| d.reason).unwrap_or_else(|| "unknown reason".to_string());
+            if reason == "max_output_tokens" {
+                // Billed, and worth a retry with a larger cap (reasoning may
+                // have used it all, leaving no text).
+                let usage = response.usage.unwrap_or_default().usage();
+                let message = format!(
+                    "response incomplete: max_output_tokens ({} output tokens, {} of them reasoning)",
+                    usage.output_tokens, usage.reasoning_tokens
+                );
+                return Err(LlmError::Truncated { cap, usage, message });
+            }
             return Err(LlmError::InvalidOutput(format!("response incomplete: {reason}")));
         }
         Some("failed") => {
@@ -196,12 +247,12 @@ fn parse_response(body: &str, settings: &HttpSettings) -> Result<LlmReply, LlmEr
         return Err(LlmError::InvalidOutput("empty output".to_string()));
     }
 
-    let usage = response.usage.unwrap_or_default();
     Ok(LlmReply {
         text,
-        usage: Usage { input_tokens: usage.input_tokens.unwrap_or(0), output_tokens: usage.output_tokens.unwrap_or(0) },
+        usage: response.usage.unwrap_or_default().usage(),
         // Responses has a status, not a finish reason; a completed one
         // stopped on its own (an `incomplete` one is an error above).
         finish_reason: Some("stop".to_string()),
+        meta,
     })
 }

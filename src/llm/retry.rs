@@ -136,7 +136,14 @@ pub struct StepFailure {
 #[derive(Debug, Clone, Default)]
 pub struct Attempt {
     pub number: u32,
+    /// The previous attempt's gate or parse error, told to the model.
     pub feedback: Option<Arc<str>>,
+    /// Earlier attempts of this step cut off by the output cap; the worker
+    /// raises the built request's cap by `output_cap` accordingly.
+    pub truncations: u32,
+    /// What the step's earlier attempts were billed: checked against the
+    /// request's `spend_limit` before this one goes out.
+    pub spent: Usage,
 }
 
 impl Attempt {
@@ -187,6 +194,8 @@ struct CallMetrics {
     gen_ai_duration: metrics::Histogram,
     input_tokens: metrics::Counter,
     output_tokens: metrics::Counter,
+    cached_input_tokens: metrics::Counter,
+    reasoning_tokens: metrics::Counter,
     gen_ai_input_tokens: metrics::Histogram,
     gen_ai_output_tokens: metrics::Histogram,
 }
@@ -206,6 +215,9 @@ impl CallMetrics {
             ),
             input_tokens: metrics::counter!("scriptorium_llm_tokens_total", "direction" => "input"),
             output_tokens: metrics::counter!("scriptorium_llm_tokens_total", "direction" => "output"),
+            // Parts of the two above (as OpenAI counts them), not additions.
+            cached_input_tokens: metrics::counter!("scriptorium_llm_tokens_total", "direction" => "cached_input"),
+            reasoning_tokens: metrics::counter!("scriptorium_llm_tokens_total", "direction" => "reasoning"),
             gen_ai_input_tokens: metrics::histogram!(
                 "gen_ai_client_token_usage",
                 "gen_ai_provider_name" => provider,
@@ -232,14 +244,18 @@ impl CallMetrics {
     ) {
         let seconds = elapsed.as_secs_f64();
         self.duration.record(seconds);
+        if let Some(usage) = billed(result) {
+            self.input_tokens.increment(usage.input_tokens);
+            self.output_tokens.increment(usage.output_tokens);
+            self.cached_input_tokens.increment(usage.cached_input_tokens);
+            self.reasoning_tokens.increment(usage.reasoning_tokens);
+            self.gen_ai_input_tokens.record(usage.input_tokens as f64);
+            self.gen_ai_output_tokens.record(usage.output_tokens as f64);
+        }
         match result {
-            Ok(reply) => {
+            Ok(_) => {
                 self.gen_ai_duration.record(seconds);
                 self.ok.increment(1);
-                self.input_tokens.increment(reply.usage.input_tokens);
-                self.output_tokens.increment(reply.usage.output_tokens);
-                self.gen_ai_input_tokens.record(reply.usage.input_tokens as f64);
-                self.gen_ai_output_tokens.record(reply.usage.output_tokens as f64);
             }
             Err(e) => {
                 // The GenAI conventions put failed calls in the same
@@ -257,6 +273,43 @@ impl CallMetrics {
                     .increment(1);
             }
         }
+    }
+}
+
+/// Adds one attempt's bill to its step's. The step has a cost once a
+/// priced call was made, and keeps it only while every call was priced;
+/// attempts that made no call change nothing.
+fn merge_attempt(step: &mut Usage, attempt: &Usage, called: bool, priced_call_seen: &mut bool) {
+    step.input_tokens += attempt.input_tokens;
+    step.output_tokens += attempt.output_tokens;
+    step.cached_input_tokens += attempt.cached_input_tokens;
+    step.reasoning_tokens += attempt.reasoning_tokens;
+    if !called {
+        return;
+    }
+    step.cost_usd = match (std::mem::replace(priced_call_seen, true), step.cost_usd, attempt.cost_usd) {
+        (false, _, cost) => cost,
+        (true, Some(a), Some(b)) => Some(a + b),
+        _ => None,
+    };
+}
+
+/// The tokens a call was billed for: a reply's, or a truncated answer's.
+fn billed(result: &Result<super::LlmReply, LlmError>) -> Option<&Usage> {
+    match result {
+        Ok(reply) => Some(&reply.usage),
+        Err(LlmError::Truncated { usage, .. }) => Some(usage),
+        Err(_) => None,
+    }
+}
+
+/// `scriptorium_cost_usd_total{step, model}`: looked up per priced call (a
+/// per-step model is only known from the request). The `metrics` crate's
+/// counters are integers, so this is a gauge that only ever goes up.
+fn record_cost(step: Step, model: &str, usd: f64) {
+    if usd > 0.0 && usd.is_finite() {
+        metrics::gauge!("scriptorium_cost_usd_total", "step" => step.as_str(), "model" => model.to_string())
+            .increment(usd);
     }
 }
 
@@ -295,28 +348,56 @@ impl StepCaller {
         error.retry_after().map(|d| d.min(self.max_retry_after))
     }
 
-    /// One attempt: limiter → provider → gate. Runs inside a stage worker's
-    /// handler, so a panic anywhere in it (provider parsing, the gate) kills
-    /// that worker. `cancel` drops the limiter wait or the in-flight request
-    /// at once (the HTTP connection is closed, nothing more is spent).
+    /// One attempt: budget check → limiter → provider → gate. Runs inside
+    /// a stage worker's handler, so a panic anywhere in it (provider
+    /// parsing, the gate) kills that worker. `cancel` drops the limiter wait
+    /// or the in-flight request at once (the HTTP connection is closed,
+    /// nothing more is spent). The cap is raised per earlier truncation.
     pub async fn attempt<T>(
         &self,
-        request: &LlmRequest,
+        mut request: LlmRequest,
+        attempt: &Attempt,
         gate: impl FnOnce(&str) -> Result<T, GateError>,
         cancel: &CancellationToken,
     ) -> AttemptOutcome<T> {
+        let provider = self.provider.name();
+        if provider == "simulated" {
+            // Offline answers cost nothing: a price here would be a made-up
+            // cost.
+            request.price = None;
+        }
+        request.max_output_tokens =
+            super::output_cap(request.max_output_tokens, request.max_output_tokens_ceiling, attempt.truncations);
+        if let Some(limit) = &request.spend_limit {
+            let spent = &attempt.spent;
+            let left = crate::workflow::budget::Remaining {
+                tokens: limit.tokens.map(|t| t.saturating_sub(spent.total_tokens())),
+                cost_usd: limit.cost_usd.map(|c| (c - spent.cost_usd.unwrap_or(0.0)).max(0.0)),
+            };
+            let worst = request.worst_case();
+            if let Err(short) = crate::workflow::budget::fits(&left, &worst) {
+                let error = LlmError::BudgetExceeded(format!(
+                    "attempt {} may cost {} tokens{}, more than {} leaves",
+                    attempt.number,
+                    worst.tokens,
+                    worst.cost_usd.map(|c| format!(" (${c:.4})")).unwrap_or_default(),
+                    short.as_str()
+                ));
+                return AttemptOutcome::without_call(error, Duration::ZERO);
+            }
+        }
+        let reserved = request.estimated_tokens();
         let wait_started = Instant::now();
         let waited = tokio::select! {
             biased;
             _ = cancel.cancelled() => {
                 return AttemptOutcome::without_call(LlmError::Cancelled, wait_started.elapsed());
             }
-            waited = self.limiter.acquire(request.estimated_tokens()) => waited,
+            waited = self.limiter.acquire(reserved) => waited,
         };
-        let provider = self.provider.name();
         let started = Instant::now();
-        let span = tracing::debug_span!("attempt", provider);
-        let call = tokio::time::timeout(self.request_timeout, self.provider.complete(request)).instrument(span);
+        let span = tracing::debug_span!("attempt", attempt = attempt.number, provider);
+        let call = tokio::time::timeout(self.request_timeout, self.provider.complete(&request)).instrument(span);
         let result = tokio::select! {
             biased;
             _ = cancel.cancelled() => Err(LlmError::Cancelled),
@@ -326,10 +407,31 @@ impl StepCaller {
         if !matches!(result, Err(LlmError::Cancelled)) {
             self.metrics.record(provider, self.provider.model(), &result, elapsed);
         }
-        let mut usage = Usage::default();
+        // This attempt's bill: priced calls start at $0, unpriced ones
+        // have no cost.
+        let mut usage = Usage { cost_usd: request.price.map(|_| 0.0), ..Usage::default() };
+        if let Some(call) = billed(&result) {
+            usage.add_call(call, request.price.as_ref());
+            if let Some(cost) = usage.cost_usd {
+                record_cost(request.step, request.model.as_deref().unwrap_or(self.provider.model()), cost);
+            }
+            let used = u32::try_from(call.total_tokens()).unwrap_or(u32::MAX);
+            self.limiter.settle(reserved, used);
+        }
+        if let Ok(reply) = &result {
+            let limits = self.limiter.snapshot();
+            if let Some(pause) = reply.meta.limits.pause(limits.requests_per_minute, limits.tokens_per_minute) {
+                self.limiter.pause_for(pause);
+            }
+        }
         let result = result.and_then(|reply| {
-            usage = reply.usage;
-            gate(&reply.text).map_err(|g| LlmError::InvalidOutput(g.0))
+            gate(&reply.text).map_err(|g| {
+                let message = match &reply.meta.request_id {
+                    Some(id) => format!("{} (request id {id})", g.0),
+                    None => g.0,
+                };
+                LlmError::InvalidOutput(message)
+            })
         });
         if let Err(error @ LlmError::RateLimited { .. }) = &result {
             if let Some(pause) = self.retry_after(error) {
@@ -355,6 +457,8 @@ impl StepCaller {
         let mut usage = Usage::default();
         let mut feedback: Option<Arc<str>> = None;
         let mut calls = 0;
+        let mut truncations = 0;
+        let mut priced_call_seen = false;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -364,12 +468,11 @@ impl StepCaller {
             } else {
                 self.budget.record_first_attempt();
             }
-            let outcome = run(Attempt { number: attempt, feedback: feedback.clone() }).await;
+            let outcome = run(Attempt { number: attempt, feedback: feedback.clone(), truncations, spent: usage }).await;
             if outcome.called {
                 calls += 1;
             }
-            usage.input_tokens += outcome.usage.input_tokens;
-            usage.output_tokens += outcome.usage.output_tokens;
+            merge_attempt(&mut usage, &outcome.usage, outcome.called, &mut priced_call_seen);
             let failure = outcome.result.as_ref().err().map(|e| (e.reason(), e.to_string()));
             if !matches!(outcome.result, Err(LlmError::Cancelled)) {
                 observe(&AttemptReport {
@@ -383,6 +486,18 @@ impl StepCaller {
             }
             let error = match outcome.result {
                 Ok(value) => return Ok(StepSuccess { value, attempts: attempt, calls, usage }),
+                Err(LlmError::BudgetExceeded(message)) if !outcome.called => {
+                    // Refused before it went out: not an attempt.
+                    let done = attempt - 1;
+                    let error = LlmError::BudgetExceeded(message);
+                    metrics::counter!(
+                        "scriptorium_step_failures_total",
+                        "step" => step.as_str(),
+                        "reason" => error.reason().as_str()
+                    )
+                    .increment(1);
+                    return Err(StepFailure { error, attempts: done, calls, usage });
+                }
                 Err(e) => e,
             };
             if !matches!(error, LlmError::Cancelled) {
@@ -400,6 +515,11 @@ impl StepCaller {
                 LlmError::InvalidOutput(msg) => Some(msg.as_str().into()),
                 _ => None,
             };
+            if let LlmError::Truncated { .. } = error {
+                // Not the model's fault: the same request would be cut off
+                // again, so the next one gets a larger cap instead.
+                truncations += 1;
+            }
             let backoff = self.policy.backoff(attempt, &mut rand::rng());
             let delay = backoff.max(self.retry_after(&error).unwrap_or_default());
             if !delay.is_zero() {

@@ -306,8 +306,9 @@ impl LlmProvider for SimulatedProvider {
             let usage = Usage {
                 input_tokens: ((request.instructions.len() + request.input.len()) / 4) as u64,
                 output_tokens: (text.len() / 4) as u64,
+                ..Usage::default()
             };
-            Ok(LlmReply { text, usage, finish_reason: Some("stop".to_string()) })
+            Ok(LlmReply { text, usage, finish_reason: Some("stop".to_string()), meta: Default::default() })
         })
     }
 }

@@ -100,6 +100,12 @@ pub struct SubmitParams {
     pub require_approval: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// This topic's token budget (overrides `workflow.max_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    /// This topic's budget in USD (overrides `workflow.max_cost_usd`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<f64>,
 }
 
 impl From<SubmitParams> for SubmitRequest {
@@ -110,6 +116,8 @@ impl From<SubmitParams> for SubmitRequest {
             variants: p.variants,
             require_approval: p.require_approval,
             idempotency_key: p.idempotency_key,
+            max_tokens: p.max_tokens,
+            max_cost_usd: p.max_cost_usd,
         }
     }
 }

@@ -263,6 +263,7 @@ fn engine_error(e: &EngineError) -> Reply {
         EngineError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         EngineError::NotFound(_) => StatusCode::NOT_FOUND,
         EngineError::Busy(_) | EngineError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        EngineError::Budget(_) => StatusCode::TOO_MANY_REQUESTS,
         EngineError::InvalidState(_) => StatusCode::CONFLICT,
         EngineError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -482,6 +483,7 @@ async fn submit(shared: &Shared, caller: &Caller, req: Request<Incoming>) -> Rep
         // An unticked box means "as the kind says", not "never".
         require_approval: field("require_approval").map(|_| true),
         idempotency_key: None,
+        ..SubmitRequest::default()
     };
     match shared.engine.submit(request).await {
         Ok(receipt) => redirect(&format!("/topics/{}", receipt.id)),

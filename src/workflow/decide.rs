@@ -219,11 +219,12 @@ mod tests {
             require_approval,
             idempotency_key: None,
             submitted_ms: 0,
+            budget: Default::default(),
         })
     }
 
     fn cost() -> StepCost {
-        StepCost { calls: 1, attempts: 1, usage: Usage { input_tokens: 10, output_tokens: 20 } }
+        StepCost { calls: 1, attempts: 1, usage: Usage { input_tokens: 10, output_tokens: 20, ..Usage::default() } }
     }
 
     fn timing(step: Step) -> StepTiming {

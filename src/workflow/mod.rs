@@ -6,6 +6,7 @@
 //! Must not: do I/O, call a provider or know about actors. Everything here is
 //! pure so it can be tested table-driven and reused by fakes.
 
+pub mod budget;
 pub mod decide;
 pub mod gates;
 pub mod plan;

@@ -52,7 +52,7 @@ impl Formats {
         Formats {
             route: Arc::new(schema::route_format(&kind_names)),
             router_instructions: prompts::router_instructions(config).into(),
-            review: Arc::new(schema::review_format_for(config.llm.max_output_tokens)),
+            review: Arc::new(schema::review_format_for(config.llm.steps.review.max_output_tokens)),
             kinds: config.kinds.iter().map(|(n, k)| (n.clone(), Arc::new(KindPlan::new(config, k)))).collect(),
             fallback: Arc::new(KindPlan::new(config, &KindConfig::default())),
             kind_names,

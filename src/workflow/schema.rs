@@ -50,10 +50,10 @@ pub fn outline_format(kind: &KindConfig) -> StructuredFormat {
     StructuredFormat { name: "outline", schema }
 }
 
-/// The review schema for the default output allowance
-/// (`llm.max_output_tokens`); see `review_format_for`.
+/// The review schema for the review step's default output cap
+/// (`llm.steps.review.max_output_tokens`); see `review_format_for`.
 pub fn review_format() -> StructuredFormat {
-    review_format_for(crate::config::LlmConfig::default().max_output_tokens)
+    review_format_for(crate::config::StepsConfig::default().review.max_output_tokens)
 }
 
 /// The review schema, its lists bounded so that a model filling both to the

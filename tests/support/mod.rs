@@ -266,6 +266,7 @@ pub fn provider(wire: Wire, server: &MockServer) -> Arc<dyn LlmProvider> {
         connect_timeout: Duration::from_secs(2),
         temperature: None,
         seed: None,
+        ..HttpSettings::new("", None, "")
     };
     match wire {
         Wire::Responses => Arc::new(OpenAiProvider::new(settings).unwrap()),

@@ -56,13 +56,9 @@ fn http_config(rpm: u32, tpm: u32) -> anyhow::Result<Config> {
 /// The real Responses provider pointed at the fake.
 fn provider_for(server: &FakeServer, config: &Config) -> anyhow::Result<Arc<dyn LlmProvider>> {
     let settings = HttpSettings {
-        base_url: server.base_url(),
-        api_key: Some(DUMMY_KEY.to_string()),
-        model: config.llm.model.clone(),
         request_timeout: Duration::from_secs_f64(config.llm.request_timeout_s),
         connect_timeout: Duration::from_secs_f64(config.llm.connect_timeout_s),
-        temperature: None,
-        seed: None,
+        ..HttpSettings::new(server.base_url(), Some(DUMMY_KEY.to_string()), config.llm.model.clone())
     };
     Ok(Arc::new(OpenAiProvider::new(settings)?))
 }
@@ -216,6 +212,50 @@ pub async fn rate_bound(results: &Path, scenario: &str, topics: usize) -> anyhow
     });
     merge(&mut line, extra);
     row(results, scenario, &label, &text, line)?;
+    server.shutdown().await;
+    Ok(())
+}
+
+/// `shipped`: the shipped config (limits 500 requests/min, 500k tokens/min)
+/// against a fake enforcing the same limits and the reasoning-model rules
+/// (hidden reasoning tokens drawn per request, billed as output, counted
+/// against the cap). Prints tokens reserved (the requests' estimates,
+/// which both our limiter and the server charge) ÷ tokens billed (the
+/// usage the server reported), topics per minute, and the cost per topic
+/// when the model has a price.
+pub async fn shipped(results: &Path, topics: usize) -> anyhow::Result<()> {
+    let config = http_config(500, 500_000)?;
+    let server = fake_server(500, 500_000, FaultRates::default()).await?;
+    let provider = provider_for(&server, &config)?;
+    let run = run_topics(config, provider, topics).await?;
+    let snap = server.stats().snapshot();
+    let completed = run.count(TopicStatus::Completed);
+    let topics_per_min = completed as f64 / run.wall.as_secs_f64() * 60.0;
+    let reserved_per_billed = snap.tokens_admitted as f64 / snap.tokens_billed.max(1) as f64;
+    let billed = serde_json::to_value(run.states.iter().map(|s| &s.usage).collect::<Vec<_>>())?;
+    let costs: Vec<f64> =
+        billed.as_array().into_iter().flatten().filter_map(|u| u.get("cost_usd").and_then(Value::as_f64)).collect();
+    let cost_per_topic = (!costs.is_empty()).then(|| costs.iter().sum::<f64>() / costs.len() as f64);
+    let received_429 = snap.by_status.get("429").copied().unwrap_or(0);
+    let text = format!(
+        "reserved/billed={reserved_per_billed:.2} topics/min={topics_per_min:.1} completed={completed}/{} wall={:.1}s \
+         requests={} 429s={received_429} 400s={} truncated={} reasoning_tokens={} cost/topic={}",
+        run.topics,
+        run.wall.as_secs_f64(),
+        snap.requests,
+        snap.by_status.get("400").copied().unwrap_or(0),
+        snap.truncated,
+        snap.reasoning_tokens,
+        cost_per_topic.map(|c| format!("${c:.5}")).unwrap_or_else(|| "n/a".into()),
+    );
+    let line = json!({
+        "topics": run.topics, "completed": completed, "lost": run.lost, "wall_s": run.wall.as_secs_f64(),
+        "requests": snap.requests, "by_status": snap.by_status, "tokens_reserved": snap.tokens_admitted,
+        "tokens_billed": snap.tokens_billed, "reasoning_tokens": snap.reasoning_tokens, "truncated": snap.truncated,
+        "reserved_per_billed": reserved_per_billed, "topics_per_min": topics_per_min,
+        "cost_usd_per_topic": cost_per_topic, "rpm": 500, "tpm": 500_000,
+    });
+    row(results, "shipped", &format!("{} topics", run.topics), &text, line)?;
     server.shutdown().await;
     Ok(())
 }
