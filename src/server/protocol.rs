@@ -472,6 +472,14 @@ pub struct HealthBody {
     /// topics).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub escalated: Option<String>,
+    /// `ok`, or `degraded: <error>` while the store refuses writes (topics
+    /// wait and retry; submits answer `store_unavailable`).
+    #[serde(default = "store_ok")]
+    pub store: String,
+}
+
+fn store_ok() -> String {
+    "ok".to_string()
 }
 
 impl From<Health> for HealthBody {
@@ -487,6 +495,7 @@ impl From<Health> for HealthBody {
             queued: h.queued,
             limiter: h.limiter.into(),
             escalated: h.escalated,
+            store: h.store,
         }
     }
 }
