@@ -228,6 +228,22 @@ async fn silent_server() -> SilentServer {
     SilentServer { url, requests, dropped }
 }
 
+/// An OpenAI (Responses) provider pointed at the silent server, with a
+/// request timeout far longer than the tests wait.
+fn silent_provider(server: &SilentServer) -> Arc<dyn LlmProvider> {
+    let settings = HttpSettings {
+        base_url: server.url.clone(),
+        api_key: Some(support::KEY.to_string()),
+        model: "gpt-5.4-mini".into(),
+        request_timeout: Duration::from_secs(60),
+        connect_timeout: Duration::from_secs(2),
+        temperature: None,
+        seed: None,
+        ..HttpSettings::new("", None, "")
+    };
+    Arc::new(OpenAiProvider::new(settings).unwrap())
+}
+
 async fn eventually(what: &str, check: impl Fn() -> bool) {
     for _ in 0..200 {
         if check() {
@@ -241,17 +257,7 @@ async fn eventually(what: &str, check: impl Fn() -> bool) {
 #[tokio::test]
 async fn cancel_drops_the_in_flight_request_and_makes_no_further_call() {
     let server = silent_server().await;
-    let settings = HttpSettings {
-        base_url: server.url.clone(),
-        api_key: Some(support::KEY.to_string()),
-        model: "gpt-5.4-mini".into(),
-        request_timeout: Duration::from_secs(60),
-        connect_timeout: Duration::from_secs(2),
-        temperature: None,
-        seed: None,
-        ..HttpSettings::new("", None, "")
-    };
-    let provider: Arc<dyn LlmProvider> = Arc::new(OpenAiProvider::new(settings).unwrap());
+    let provider = silent_provider(&server);
     let config = test_config(&[("WORKFLOW__VARIANTS", "1")]);
     let engine = Scriptorium::start(config, EngineOptions { provider: Some(provider), ..EngineOptions::default() })
         .await
@@ -273,17 +279,7 @@ async fn cancel_drops_the_in_flight_request_and_makes_no_further_call() {
 #[tokio::test]
 async fn shutdown_after_the_grace_period_drops_in_flight_requests() {
     let server = silent_server().await;
-    let settings = HttpSettings {
-        base_url: server.url.clone(),
-        api_key: Some(support::KEY.to_string()),
-        model: "gpt-5.4-mini".into(),
-        request_timeout: Duration::from_secs(60),
-        connect_timeout: Duration::from_secs(2),
-        temperature: None,
-        seed: None,
-        ..HttpSettings::new("", None, "")
-    };
-    let provider: Arc<dyn LlmProvider> = Arc::new(OpenAiProvider::new(settings).unwrap());
+    let provider = silent_provider(&server);
     let engine =
         Scriptorium::start(test_config(&[]), EngineOptions { provider: Some(provider), ..EngineOptions::default() })
             .await
